@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   install into .venv and run HumanEval with the oracle agent on local sandboxes
+#   make test   install everything (incl. Docker engine and Chromium) and run the whole suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+RESULTS ?= results/humaneval-oracle.jsonl
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.core
+
+demo: $(VENV)/.core
+	$(BIN)/sandboxnb run humaneval --agent oracle --runtime local --output $(RESULTS)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check sandboxnb tests benchmarks
+
+test: $(VENV)/.dev
+	bash scripts/setup-docker
+	bash scripts/setup-browser
+	$(BIN)/ruff check sandboxnb tests benchmarks
+	$(BIN)/pytest
+
+bench: $(VENV)/.dev
+	$(BIN)/python benchmarks/spine.py
+
+clean:
+	rm -rf $(VENV) results

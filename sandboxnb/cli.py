@@ -1,0 +1,118 @@
+"""Command line: ``sandboxnb run``, ``sandboxnb providers``, ``sandboxnb ls`` (thin over the API)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback, exit status 2."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandboxnb", description="Run agent evaluations in isolated sandboxes."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a taskset with an agent, one fresh sandbox per rollout")
+    run.add_argument("taskset", help="'humaneval' or a path to a .json/.jsonl taskset")
+    run.add_argument(
+        "--agent", required=True, help="'oracle', 'samples:PATH' or 'module:function'"
+    )
+    run.add_argument("--runtime", default="local", help="provider name (default: local)")
+    run.add_argument("--image", help="sandbox image (docker, modal, daytona)")
+    run.add_argument("--cpu", type=float, help="CPU cores per sandbox")
+    run.add_argument("--memory-mb", type=int, help="memory limit per sandbox in MiB")
+    run.add_argument("--gpu", help="GPU spec, e.g. H100 or A10G:2")
+    run.add_argument("--max-concurrent", type=int, default=8, help="sandboxes at once (default 8)")
+    run.add_argument("--repeats", type=int, default=1, help="rollouts per task (default 1)")
+    run.add_argument("--timeout", type=float, help="per-rollout deadline in seconds")
+    run.add_argument("--journal", help="JSONL file that receives each row as it finishes")
+    run.add_argument("--resume", action="store_true", help="continue an existing journal")
+    run.add_argument("--output", "-o", help="write all rows to .jsonl, .csv or .parquet")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sub.add_parser("providers", help="list providers: installed, configured, what each supports")
+    return parser
+
+
+def _providers_table() -> str:
+    from sandboxnb.providers import provider_class, provider_names
+
+    lines = [f"{'provider':<10} {'status':<12} supports / reason"]
+    for name in provider_names():
+        try:
+            cls = provider_class(name)
+            availability = cls.availability()
+            supports = ", ".join(sorted(cls.supported))
+        except Exception as err:  # an optional SDK missing or broken
+            lines.append(f"{name:<10} {'unavailable':<12} {type(err).__name__}: {err}")
+            continue
+        status = "available" if availability.available else "unavailable"
+        detail = supports if availability.available else f"{availability.reason} | {supports}"
+        lines.append(f"{name:<10} {status:<12} {detail}")
+    return "\n".join(lines)
+
+
+async def _run_command(args: argparse.Namespace) -> int:
+    from sandboxnb.config import config_from_flat
+    from sandboxnb.results import write_rows
+    from sandboxnb.scheduler import run
+
+    config = config_from_flat(
+        image=args.image, cpu=args.cpu, memory_mb=args.memory_mb, gpu=args.gpu,
+    )
+    if args.output:
+        _check_output(args.output)
+    result = await run(
+        args.taskset, args.agent, args.runtime, config=config,
+        max_concurrent=args.max_concurrent, repeats=args.repeats, timeout_s=args.timeout,
+        journal=args.journal, resume=args.resume, progress=not args.no_progress,
+    )
+    if args.output:
+        path = write_rows(result.rows, args.output)
+        print(f"wrote {len(result.rows)} rows to {path}")
+    if args.journal:
+        print(f"journal: {args.journal}")
+    print(result.summary())
+    return 0
+
+
+def _check_output(path: str) -> None:
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if suffix not in ("jsonl", "csv", "parquet"):
+        raise UsageError(
+            f"--output {path!r}: unsupported extension {('.' + suffix) if suffix else '(none)'}; "
+            "use .jsonl, .csv or .parquet"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sandboxnb`` command."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "providers":
+        print(_providers_table())
+        return 0
+    from sandboxnb.agents import AgentError
+    from sandboxnb.config import ConfigError
+    from sandboxnb.tasks import TaskError
+
+    try:
+        return asyncio.run(_run_command(args))
+    except (UsageError, ConfigError, TaskError, AgentError, ValueError, FileExistsError,
+            FileNotFoundError) as err:
+        print(f"sandboxnb: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sandboxnb: interrupted; every sandbox was released", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

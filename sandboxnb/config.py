@@ -1,0 +1,229 @@
+"""Runtime configuration: what a sandbox runs (image), with what (resources) and for how long (limits).
+
+Per-task overrides merge *field by field*: overriding ``resources.cpu`` keeps ``resources.memory_mb``;
+an explicit ``None`` clears a field. Every provider declares which fields it honours, and
+:func:`check_supported` rejects a set field the provider cannot honour before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "GPU",
+    "ConfigError",
+    "Limits",
+    "Resources",
+    "RuntimeConfig",
+    "UnsupportedFieldError",
+    "check_supported",
+    "config_from_flat",
+    "merge_config",
+]
+
+_GPU_SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.\-]*)\s*(?::\s*(\d+))?\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value was rejected. The message names the field, the value and what is accepted."""
+
+
+class UnsupportedFieldError(ConfigError):
+    """A provider was asked for a field it cannot honour."""
+
+    def __init__(self, provider: str, field: str, value: Any, supported: Iterable[str]) -> None:
+        self.provider, self.field, self.value = provider, field, value
+        shown = str(value) if isinstance(value, BaseModel) else repr(value)
+        accepted = ", ".join(sorted(supported)) or "none"
+        super().__init__(
+            f"{provider} does not support {field} (got {shown}); "
+            f"{provider} honours: {accepted}"
+        )
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class GPU(_Model):
+    """A GPU request: a type such as ``"H100"`` and a count. Also accepts ``"H100"`` or ``"A10G:2"``."""
+
+    type: str = Field(min_length=1)
+    count: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _GPU_SPEC.match(value)
+            if not match:
+                raise ValueError(
+                    f"GPU spec {value!r} is not of the form 'TYPE' or 'TYPE:COUNT' (e.g. 'H100', 'A10G:2')"
+                )
+            return {"type": match.group(1), "count": int(match.group(2) or 1)}
+        return value
+
+    def __str__(self) -> str:
+        return self.type if self.count == 1 else f"{self.type}:{self.count}"
+
+
+class Resources(_Model):
+    """Compute resources. ``None`` means the provider's default."""
+
+    cpu: float | None = Field(None, gt=0, description="CPU cores (fractions allowed)")
+    memory_mb: int | None = Field(None, gt=0, description="memory limit in MiB")
+    disk_mb: int | None = Field(None, gt=0, description="disk size in MiB")
+    gpu: GPU | None = None
+
+
+class Limits(_Model):
+    """Time limits, in seconds. ``None`` means no limit (or the provider's default)."""
+
+    startup_timeout_s: float | None = Field(60.0, gt=0, description="acquire-to-ready deadline")
+    run_timeout_s: float | None = Field(None, gt=0, description="sandbox lifetime cap")
+    idle_timeout_s: float | None = Field(
+        300.0, gt=0, description="the server exits when no client has been connected this long"
+    )
+
+
+class RuntimeConfig(_Model):
+    """Everything that decides what sandbox a rollout gets."""
+
+    image: str | None = Field(None, min_length=1)
+    resources: Resources = Resources()
+    limits: Limits = Limits()
+
+    def merge(self, overrides: Mapping[str, Any] | RuntimeConfig | None) -> RuntimeConfig:
+        """Return a copy with ``overrides`` applied field by field (see module docstring)."""
+        return merge_config(self, overrides)
+
+    def set_fields(self) -> dict[str, Any]:
+        """The dotted names and values of every field that is set (not ``None``)."""
+        found: dict[str, Any] = {}
+        if self.image is not None:
+            found["image"] = self.image
+        for group in ("resources", "limits"):
+            for name, value in getattr(self, group):
+                if value is not None:
+                    found[f"{group}.{name}"] = value
+        return found
+
+    def summary(self) -> dict[str, Any]:
+        """Flat view used for result rows and tables."""
+        res = self.resources
+        return {
+            "image": self.image,
+            "cpu": res.cpu,
+            "memory_mb": res.memory_mb,
+            "gpu": str(res.gpu) if res.gpu else None,
+        }
+
+
+def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            parent = loc.rsplit(".", 1)[0] if "." in loc else ""
+            msg = f"unknown field; accepted: {', '.join(_accepted_fields(parent))}"
+        lines.append(f"{loc} = {item.get('input')!r}: {msg}")
+    return "invalid runtime config: " + "; ".join(lines)
+
+
+def _accepted_fields(parent: str) -> list[str]:
+    model = {"": RuntimeConfig, "resources": Resources, "limits": Limits, "resources.gpu": GPU}.get(
+        parent, RuntimeConfig
+    )
+    return [f"{parent + '.' if parent else ''}{name}" for name in model.model_fields]
+
+
+def _validate(data: Any) -> RuntimeConfig:
+    try:
+        return RuntimeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict) and key != "gpu":
+            merged[key] = _deep_merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def merge_config(
+    base: RuntimeConfig | None, overrides: Mapping[str, Any] | RuntimeConfig | None
+) -> RuntimeConfig:
+    """Merge ``overrides`` into ``base`` field by field; ``None`` values clear fields.
+
+    A :class:`RuntimeConfig` given as ``overrides`` contributes only the fields that were set
+    explicitly when it was built.
+    """
+    base = base or RuntimeConfig()
+    if overrides is None:
+        return base
+    if isinstance(overrides, RuntimeConfig):
+        overrides = overrides.model_dump(exclude_unset=True)
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(
+            f"runtime overrides = {overrides!r}: expected a mapping such as "
+            "{'resources': {'cpu': 2}} or a RuntimeConfig"
+        )
+    return _validate(_deep_merge(base.model_dump(), overrides))
+
+
+_FLAT_FIELDS = {
+    "image": ("image",),
+    "cpu": ("resources", "cpu"),
+    "memory_mb": ("resources", "memory_mb"),
+    "disk_mb": ("resources", "disk_mb"),
+    "gpu": ("resources", "gpu"),
+    "startup_timeout_s": ("limits", "startup_timeout_s"),
+    "run_timeout_s": ("limits", "run_timeout_s"),
+    "timeout": ("limits", "run_timeout_s"),
+    "idle_timeout_s": ("limits", "idle_timeout_s"),
+}
+
+
+def config_from_flat(base: RuntimeConfig | None = None, **flat: Any) -> RuntimeConfig:
+    """Build a config from flat keywords (``cpu=2, memory_mb=512, gpu="A10G:2", timeout=600``).
+
+    Keywords whose value is ``None`` are ignored (left to ``base``), so CLI options map directly.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key not in _FLAT_FIELDS:
+            raise ConfigError(
+                f"unknown runtime option {key}={value!r}; accepted: {', '.join(_FLAT_FIELDS)}"
+            )
+        if value is None:
+            continue
+        *parents, leaf = _FLAT_FIELDS[key]
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return merge_config(base, nested)
+
+
+def check_supported(provider: str, supported: Iterable[str], config: RuntimeConfig) -> None:
+    """Raise :class:`UnsupportedFieldError` for the first set field ``provider`` cannot honour.
+
+    ``supported`` holds dotted names (``"resources.cpu"``); a group name (``"limits"``) covers all
+    of its fields.
+    """
+    supported = set(supported)
+    for field, value in config.set_fields().items():
+        group = field.split(".", 1)[0]
+        if field not in supported and group not in supported:
+            raise UnsupportedFieldError(provider, field, value, supported)

@@ -1,0 +1,74 @@
+"""Interactive sandboxes: ``async with launch("local", cpu=1) as sb`` and ``attach(url, token)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from sandboxnb.config import _FLAT_FIELDS, RuntimeConfig, config_from_flat
+from sandboxnb.providers import Provider, get_provider
+
+if TYPE_CHECKING:
+    from sandboxnb.client import Sandbox
+
+__all__ = ["attach", "launch", "resolve_launch"]
+
+
+def resolve_launch(
+    runtime: str | Provider = "local",
+    *,
+    config: RuntimeConfig | None = None,
+    **options: Any,
+) -> tuple[Provider, RuntimeConfig]:
+    """Split ``options`` into config fields and provider options; validate both, start nothing."""
+    flat = {k: v for k, v in options.items() if k in _FLAT_FIELDS}
+    provider_options = {k: v for k, v in options.items() if k not in _FLAT_FIELDS}
+    try:
+        provider = get_provider(runtime, **provider_options)
+    except TypeError as err:
+        raise TypeError(
+            f"{runtime!r} does not accept option(s) {', '.join(provider_options)}: {err}; "
+            f"runtime options are {', '.join(_FLAT_FIELDS)}"
+        ) from None
+    return provider, provider.check(config_from_flat(config, **flat))
+
+
+@asynccontextmanager
+async def launch(
+    runtime: str | Provider = "local",
+    *,
+    config: RuntimeConfig | None = None,
+    **options: Any,
+) -> AsyncIterator[Sandbox]:
+    """Start a fresh sandbox and yield a connected :class:`~sandboxnb.client.Sandbox`.
+
+    ``options`` are runtime fields (``image``, ``cpu``, ``memory_mb``, ``disk_mb``, ``gpu``,
+    ``timeout``, ``startup_timeout_s``, ``idle_timeout_s``) or provider options. The sandbox is
+    released when the block exits, however it exits.
+    """
+    from sandboxnb.client import connect
+
+    provider, effective = resolve_launch(runtime, config=config, **options)
+    try:
+        async with provider.sandbox(effective) as endpoint:
+            sandbox = await connect(endpoint)
+            try:
+                yield sandbox
+            finally:
+                await sandbox.close()
+    finally:
+        if not isinstance(runtime, Provider):
+            await provider.aclose()
+
+
+@asynccontextmanager
+async def attach(url: str, token: str) -> AsyncIterator[Sandbox]:
+    """Connect to an already running sandbox server; the server is left running on exit."""
+    from sandboxnb.client import connect
+
+    sandbox = await connect(url, token=token)
+    try:
+        yield sandbox
+    finally:
+        await sandbox.close()

@@ -1,0 +1,127 @@
+"""One rollout: a fresh sandbox, task setup, the agent, grading, a result row; teardown always."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from sandboxnb.agents import Agent
+from sandboxnb.config import RuntimeConfig
+from sandboxnb.providers.base import Provider
+from sandboxnb.tasks import Task
+
+__all__ = ["ANSWER_CHARS", "STATUSES", "current_repeat", "rollout"]
+
+STATUSES = ("ok", "error", "timeout", "cancelled")
+#: Answers longer than this are truncated in result rows.
+ANSWER_CHARS = 20_000
+
+_REPEAT: ContextVar[int] = ContextVar("sandboxnb_repeat", default=0)
+
+
+def current_repeat() -> int:
+    """The repeat index of the rollout the calling agent runs in (0 outside a rollout)."""
+    return _REPEAT.get()
+
+
+def _new_row(run_id: str, provider: Provider, task: Task, repeat: int, config: RuntimeConfig):
+    return {
+        "run_id": run_id,
+        "task_id": task.id,
+        "repeat": repeat,
+        "provider": provider.name,
+        "sandbox_id": None,
+        "status": "error",
+        "reward": math.nan,
+        "error": None,
+        "started_at": datetime.now(UTC).isoformat(),
+        "acquire_s": math.nan,
+        "rollout_s": math.nan,
+        "release_s": math.nan,
+        "duration_s": math.nan,
+        **config.summary(),
+        "answer": None,
+        "info": {},
+    }
+
+
+def _answer_text(answer: Any) -> str | None:
+    if answer is None:
+        return None
+    text = answer if isinstance(answer, str) else repr(answer)
+    return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS] + "...[truncated]"
+
+
+async def rollout(
+    provider: Provider,
+    task: Task,
+    repeat: int,
+    config: RuntimeConfig,
+    agent: Agent,
+    *,
+    run_id: str = "",
+    timeout_s: float | None = None,
+    on_done: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run ``task`` once in a fresh sandbox from ``provider`` and report its row to ``on_done``.
+
+    Failures become the row's ``status``/``error``; the row is reported on every path, also when
+    the rollout is cancelled (status ``cancelled``, then the cancellation propagates).
+    """
+    from sandboxnb.client import connect
+
+    row = _new_row(run_id, provider, task, repeat, config)
+    repeat_token = _REPEAT.set(repeat)
+    started = time.perf_counter()
+    ready = done = None
+    phase = "acquire"
+    try:
+        async with provider.sandbox(config) as endpoint:
+            row["sandbox_id"] = endpoint.sandbox_id
+            sandbox = await connect(endpoint)
+            try:
+                ready = time.perf_counter()
+                phase = "rollout"
+                deadline = asyncio.timeout(timeout_s)
+                try:
+                    async with deadline:
+                        await task.prepare(sandbox)
+                        answer = await agent(sandbox, task)
+                        row["answer"] = _answer_text(answer)
+                        phase = "grade"
+                        grade = await task.grade(sandbox, answer)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    row["status"] = "timeout"
+                    row["error"] = f"rollout exceeded timeout_s={timeout_s} during {phase}"
+                else:
+                    row.update(status="ok", reward=float(grade.reward), info=grade.info)
+                finally:
+                    done = time.perf_counter()
+                    phase = "release"
+            finally:
+                await sandbox.close()
+    except asyncio.CancelledError:
+        row["status"] = "cancelled"
+        row["error"] = f"cancelled during {phase}"
+        raise
+    except Exception as err:  # a failing rollout is a row, not a failed run
+        row["error"] = f"{phase}: {type(err).__name__}: {err}"
+        if phase != "release":  # a failed release keeps the verdict already reached
+            row["status"] = "error"
+    finally:
+        _REPEAT.reset(repeat_token)
+        end = time.perf_counter()
+        if ready is not None:
+            row["acquire_s"] = ready - started
+        if done is not None:
+            row["rollout_s"] = done - ready
+            row["release_s"] = end - done
+        row["duration_s"] = end - started
+        on_done(row)

