@@ -33,7 +33,8 @@ test: $(VENV)/.dev
 	$(BIN)/pytest
 
 bench: $(VENV)/.dev
-	$(BIN)/python benchmarks/spine.py
+	$(BIN)/python benchmarks/spine_micro.py
+	$(BIN)/python benchmarks/humaneval_wall.py
 
 clean:
 	rm -rf $(VENV) results

@@ -14,10 +14,9 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from sandboxnb.rollout import current_repeat
 
 if TYPE_CHECKING:
     from sandboxnb.client import Sandbox
@@ -26,6 +25,14 @@ if TYPE_CHECKING:
 __all__ = ["Agent", "AgentError", "oracle", "resolve_agent", "samples_agent"]
 
 Agent = Callable[["Sandbox", "Task"], Awaitable[Any]]
+
+
+_REPEAT: ContextVar[int] = ContextVar("sandboxnb_repeat", default=0)
+
+
+def current_repeat() -> int:
+    """The repeat index of the rollout the calling agent runs in (0 outside a rollout)."""
+    return _REPEAT.get()
 
 
 class AgentError(ValueError):
@@ -103,7 +110,7 @@ def resolve_agent(agent: str | Agent) -> Agent:
 
 
 def _require_async(fn: Any, name: str) -> None:
-    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
     if not inspect.iscoroutinefunction(target):
         raise AgentError(
             f"agent = {name}: must be an async function `async def agent(sandbox, task)`"

@@ -1,4 +1,4 @@
-"""Command line: ``sandboxnb run``, ``sandboxnb providers``, ``sandboxnb ls`` (thin over the API)."""
+"""Command line: ``sandboxnb run`` and ``sandboxnb providers``, thin over the Python API."""
 
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a taskset with an agent, one fresh sandbox per rollout")
     run.add_argument("taskset", help="'humaneval' or a path to a .json/.jsonl taskset")
-    run.add_argument(
-        "--agent", required=True, help="'oracle', 'samples:PATH' or 'module:function'"
-    )
+    run.add_argument("--agent", required=True, help="'oracle', 'samples:PATH' or 'module:function'")
+    run.add_argument("--tasks", help="only task ids matching these globs (comma-separated)")
     run.add_argument("--runtime", default="local", help="provider name (default: local)")
     run.add_argument("--image", help="sandbox image (docker, modal, daytona)")
     run.add_argument("--cpu", type=float, help="CPU cores per sandbox")
@@ -33,7 +32,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=int, default=8, help="sandboxes at once (default 8)")
     run.add_argument("--repeats", type=int, default=1, help="rollouts per task (default 1)")
     run.add_argument("--timeout", type=float, help="per-rollout deadline in seconds")
-    run.add_argument("--journal", help="JSONL file that receives each row as it finishes")
+    run.add_argument(
+        "--journal",
+        default="auto",
+        help="JSONL file that receives each row as it finishes (default: a new file in ./runs)",
+    )
     run.add_argument("--resume", action="store_true", help="continue an existing journal")
     run.add_argument("--output", "-o", help="write all rows to .jsonl, .csv or .parquet")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -50,7 +53,11 @@ def _providers_table() -> str:
         try:
             cls = provider_class(name)
             availability = cls.availability()
-            supports = ", ".join(sorted(cls.supported))
+            try:  # an instance knows what this machine lets it honour
+                supported = cls().supported
+            except Exception:
+                supported = cls.supported
+            supports = ", ".join(sorted(supported))
         except Exception as err:  # an optional SDK missing or broken
             lines.append(f"{name:<10} {'unavailable':<12} {type(err).__name__}: {err}")
             continue
@@ -64,22 +71,36 @@ async def _run_command(args: argparse.Namespace) -> int:
     from sandboxnb.config import config_from_flat
     from sandboxnb.results import write_rows
     from sandboxnb.scheduler import run
+    from sandboxnb.tasks import Taskset
 
     config = config_from_flat(
-        image=args.image, cpu=args.cpu, memory_mb=args.memory_mb, gpu=args.gpu,
+        image=args.image,
+        cpu=args.cpu,
+        memory_mb=args.memory_mb,
+        gpu=args.gpu,
     )
     if args.output:
         _check_output(args.output)
+    taskset = Taskset.load(args.taskset)
+    if args.tasks:
+        taskset = taskset.select(args.tasks)
     result = await run(
-        args.taskset, args.agent, args.runtime, config=config,
-        max_concurrent=args.max_concurrent, repeats=args.repeats, timeout_s=args.timeout,
-        journal=args.journal, resume=args.resume, progress=not args.no_progress,
+        taskset,
+        args.agent,
+        args.runtime,
+        config=config,
+        max_concurrent=args.max_concurrent,
+        repeats=args.repeats,
+        timeout_s=args.timeout,
+        journal=args.journal,
+        resume=args.resume,
+        progress=not args.no_progress,
     )
     if args.output:
         path = write_rows(result.rows, args.output)
         print(f"wrote {len(result.rows)} rows to {path}")
-    if args.journal:
-        print(f"journal: {args.journal}")
+    if result.journal_path:
+        print(f"journal: {result.journal_path}")
     print(result.summary())
     return 0
 
@@ -105,8 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return asyncio.run(_run_command(args))
-    except (UsageError, ConfigError, TaskError, AgentError, ValueError, FileExistsError,
-            FileNotFoundError) as err:
+    except (
+        UsageError,
+        ConfigError,
+        TaskError,
+        AgentError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as err:
         print(f"sandboxnb: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
-"""Runtime configuration: what a sandbox runs (image), with what (resources) and for how long (limits).
+"""Runtime configuration: what a sandbox runs (image), with what (resources), for how long (limits).
 
-Per-task overrides merge *field by field*: overriding ``resources.cpu`` keeps ``resources.memory_mb``;
-an explicit ``None`` clears a field. Every provider declares which fields it honours, and
-:func:`check_supported` rejects a set field the provider cannot honour before anything starts.
+Per-task overrides merge *field by field*: overriding ``resources.cpu`` keeps
+``resources.memory_mb``; an explicit ``None`` clears a field. Every provider declares which
+fields it honours, and :func:`check_supported` rejects a set field the provider cannot honour
+before anything starts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _GPU_SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.\-]*)\s*(?::\s*(\d+))?\s*$"
 
 
 class ConfigError(ValueError):
-    """A configuration value was rejected. The message names the field, the value and what is accepted."""
+    """A configuration value was rejected; the message names field, value and what is accepted."""
 
 
 class UnsupportedFieldError(ConfigError):
@@ -40,8 +41,7 @@ class UnsupportedFieldError(ConfigError):
         shown = str(value) if isinstance(value, BaseModel) else repr(value)
         accepted = ", ".join(sorted(supported)) or "none"
         super().__init__(
-            f"{provider} does not support {field} (got {shown}); "
-            f"{provider} honours: {accepted}"
+            f"{provider} does not support {field} (got {shown}); {provider} honours: {accepted}"
         )
 
 
@@ -50,7 +50,7 @@ class _Model(BaseModel):
 
 
 class GPU(_Model):
-    """A GPU request: a type such as ``"H100"`` and a count. Also accepts ``"H100"`` or ``"A10G:2"``."""
+    """A GPU request: a type such as ``"H100"`` and a count; also ``"H100"`` or ``"A10G:2"``."""
 
     type: str = Field(min_length=1)
     count: int = Field(1, ge=1)
@@ -62,7 +62,8 @@ class GPU(_Model):
             match = _GPU_SPEC.match(value)
             if not match:
                 raise ValueError(
-                    f"GPU spec {value!r} is not of the form 'TYPE' or 'TYPE:COUNT' (e.g. 'H100', 'A10G:2')"
+                    f"GPU spec {value!r} is not of the form 'TYPE' or 'TYPE:COUNT' "
+                    "(e.g. 'H100', 'A10G:2')"
                 )
             return {"type": match.group(1), "count": int(match.group(2) or 1)}
         return value

@@ -32,7 +32,11 @@ class ProtocolError(SandboxError):
 
 
 class SandboxTimeout(SandboxError, TimeoutError):
-    """An operation did not finish within its deadline."""
+    """An operation did not finish within its deadline; ``data`` holds server detail if any."""
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 class RemoteError(SandboxError):

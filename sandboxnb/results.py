@@ -15,9 +15,25 @@ if TYPE_CHECKING:
 __all__ = ["COLUMNS", "Journal", "read_journal", "rows_to_frame", "write_rows"]
 
 COLUMNS = [
-    "run_id", "task_id", "repeat", "provider", "sandbox_id", "status", "reward", "error",
-    "started_at", "acquire_s", "rollout_s", "release_s", "duration_s",
-    "image", "cpu", "memory_mb", "gpu", "answer", "info",
+    "run_id",
+    "task_id",
+    "repeat",
+    "provider",
+    "sandbox_id",
+    "status",
+    "reward",
+    "error",
+    "started_at",
+    "acquire_s",
+    "rollout_s",
+    "release_s",
+    "duration_s",
+    "image",
+    "cpu",
+    "memory_mb",
+    "gpu",
+    "answer",
+    "info",
 ]
 _CATEGORICAL = ["provider", "status", "image", "gpu"]
 
@@ -42,7 +58,7 @@ class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "a", encoding="utf-8")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxnb-journal")
 
     def _write(self, line: str) -> None:

@@ -6,11 +6,10 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from sandboxnb.agents import Agent
+from sandboxnb.agents import _REPEAT, Agent, current_repeat
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.providers.base import Provider
 from sandboxnb.tasks import Task
@@ -20,13 +19,6 @@ __all__ = ["ANSWER_CHARS", "STATUSES", "current_repeat", "rollout"]
 STATUSES = ("ok", "error", "timeout", "cancelled")
 #: Answers longer than this are truncated in result rows.
 ANSWER_CHARS = 20_000
-
-_REPEAT: ContextVar[int] = ContextVar("sandboxnb_repeat", default=0)
-
-
-def current_repeat() -> int:
-    """The repeat index of the rollout the calling agent runs in (0 outside a rollout)."""
-    return _REPEAT.get()
 
 
 def _new_row(run_id: str, provider: Provider, task: Task, repeat: int, config: RuntimeConfig):

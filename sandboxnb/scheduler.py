@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 import uuid
 from collections import Counter
@@ -65,6 +66,7 @@ class Run:
         self._provider = provider
         self._owns_provider = owns_provider
         self._journal = journal
+        self.journal_path: Path | None = journal.path if journal else None
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -130,8 +132,14 @@ class Run:
         while not queue.empty():
             task, repeat, config = queue.get_nowait()
             await rollout(
-                self._provider, task, repeat, config, self._agent,
-                run_id=self.id, timeout_s=self.timeout_s, on_done=self._record,
+                self._provider,
+                task,
+                repeat,
+                config,
+                self._agent,
+                run_id=self.id,
+                timeout_s=self.timeout_s,
+                on_done=self._record,
             )
 
     def _record(self, row: dict[str, Any]) -> None:
@@ -183,7 +191,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _plan(
-    taskset: Taskset, provider: Provider, base: RuntimeConfig, repeats: int,
+    taskset: Taskset,
+    provider: Provider,
+    base: RuntimeConfig,
+    repeats: int,
     skip: set[tuple[str, int]],
 ) -> list[tuple[Task, int, RuntimeConfig]]:
     plan = []
@@ -191,7 +202,9 @@ def _plan(
         try:
             config = provider.check(task.effective_config(base))
         except ConfigError as err:
-            raise ConfigError(f"task {task.id!r}: {err}") from None
+            if task.runtime:  # name the task whose overrides made the config invalid
+                err.args = (f"task {task.id!r}: {err}",)
+            raise
         for repeat in range(repeats):
             if (task.id, repeat) not in skip:
                 plan.append((task, repeat, config))
@@ -213,19 +226,28 @@ def start(
     max_concurrent: int = 8,
     repeats: int = 1,
     timeout_s: float | None = None,
-    journal: str | Path | None = None,
+    journal: str | Path | None = "auto",
     resume: bool = False,
     progress: bool = False,
 ) -> Run:
     """Validate everything, then schedule a run on the running loop and return it at once.
 
-    ``journal`` names a JSONL file that gets every row as soon as it finishes (fsynced). An
-    existing journal is refused unless ``resume=True``, which keeps its rows and runs only the
-    (task, repeat) pairs it does not hold yet.
+    ``journal`` names a JSONL file that gets every row as soon as it finishes (fsynced), so a
+    crashed kernel loses nothing. The default, ``"auto"``, writes a new file under ``./runs/``
+    (or ``$SANDBOXNB_RUNS_DIR``); ``None`` turns journaling off. An existing journal is refused
+    unless ``resume=True``, which keeps its rows and runs only the (task, repeat) pairs it does
+    not hold yet.
     """
     run_obj = _prepare(
-        taskset, agent, runtime, config=config, max_concurrent=max_concurrent, repeats=repeats,
-        timeout_s=timeout_s, journal=journal, resume=resume,
+        taskset,
+        agent,
+        runtime,
+        config=config,
+        max_concurrent=max_concurrent,
+        repeats=repeats,
+        timeout_s=timeout_s,
+        journal=journal,
+        resume=resume,
     )
     if progress:
         _attach_progress(run_obj)
@@ -241,7 +263,7 @@ async def run(
     max_concurrent: int = 8,
     repeats: int = 1,
     timeout_s: float | None = None,
-    journal: str | Path | None = None,
+    journal: str | Path | None = "auto",
     resume: bool = False,
     progress: bool = True,
 ) -> Run:
@@ -251,8 +273,16 @@ async def run(
     cancelled, the run is cancelled and every sandbox is released before it returns.
     """
     run_obj = start(
-        taskset, agent, runtime, config=config, max_concurrent=max_concurrent, repeats=repeats,
-        timeout_s=timeout_s, journal=journal, resume=resume, progress=progress,
+        taskset,
+        agent,
+        runtime,
+        config=config,
+        max_concurrent=max_concurrent,
+        repeats=repeats,
+        timeout_s=timeout_s,
+        journal=journal,
+        resume=resume,
+        progress=progress,
     )
     try:
         return await run_obj
@@ -276,6 +306,8 @@ def _prepare(
     provider = get_provider(runtime)
     previous: list[dict[str, Any]] = []
     journal_obj = None
+    if journal == "auto":
+        journal = _auto_journal_path(tasks.name)
     if journal is not None:
         path = Path(journal)
         if path.exists() and path.stat().st_size > 0:
@@ -290,10 +322,23 @@ def _prepare(
     if journal is not None:
         journal_obj = Journal(journal)
     return Run(
-        plan, agent_fn, provider, max_concurrent=max_concurrent, timeout_s=timeout_s,
-        journal=journal_obj, owns_provider=not isinstance(runtime, Provider), rows=previous,
+        plan,
+        agent_fn,
+        provider,
+        max_concurrent=max_concurrent,
+        timeout_s=timeout_s,
+        journal=journal_obj,
+        owns_provider=not isinstance(runtime, Provider),
+        rows=previous,
         name=tasks.name,
     )
+
+
+def _auto_journal_path(name: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    directory = Path(os.environ.get("SANDBOXNB_RUNS_DIR", "runs"))
+    return directory / f"{safe}-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
 
 
 def _attach_progress(run_obj: Run) -> None:
@@ -303,7 +348,9 @@ def _attach_progress(run_obj: Run) -> None:
 
     def update(row: dict[str, Any]) -> None:
         bar.update(1)
-        bar.set_postfix(run_obj.counts() | {"reward": f"{run_obj.mean_reward():.3f}"}, refresh=False)
+        bar.set_postfix(
+            run_obj.counts() | {"reward": f"{run_obj.mean_reward():.3f}"}, refresh=False
+        )
         if len(run_obj.rows) >= run_obj.total:
             bar.close()
 

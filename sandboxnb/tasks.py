@@ -18,6 +18,7 @@ A Python callable ``async (sandbox, task, answer) -> Grade`` is accepted as a gr
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -77,16 +78,20 @@ _GRADER_ADAPTER: TypeAdapter[GraderSpec] = TypeAdapter(
 
 
 class Task(BaseModel):
-    """One unit of work. ``runtime`` holds per-task config overrides (see :mod:`sandboxnb.config`)."""
+    """One unit of work; ``runtime`` holds per-task config overrides (see sandboxnb.config)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     id: str = Field(min_length=1)
     prompt: str = ""
     runtime: dict[str, Any] | None = None
-    setup: list[str] = Field(default_factory=list, description="shell commands run before the agent")
+    setup: list[str] = Field(
+        default_factory=list, description="shell commands run before the agent"
+    )
     files: dict[str, str] = Field(default_factory=dict, description="files written before setup")
-    grader: Any = Field(None, description="a grader spec (see module docstring) or an async callable")
+    grader: Any = Field(
+        None, description="a grader spec (see module docstring) or an async callable"
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("grader", mode="before")
@@ -138,7 +143,9 @@ class Task(BaseModel):
                 result = await sandbox.exec(grader.command, env=env, timeout=grader.timeout_s)
             else:
                 result = await sandbox.exec(
-                    [sandbox_python(sandbox), "-"], stdin=grader.code, env=env,
+                    [sandbox_python(sandbox), "-"],
+                    stdin=grader.code,
+                    env=env,
                     timeout=grader.timeout_s,
                 )
             return grade_from_process(result.exit_code, result.stdout, result.timed_out)
@@ -245,6 +252,17 @@ class Taskset(Sequence[Task]):
             )
         return cls(source)
 
+    def select(self, patterns: str | Iterable[str]) -> Taskset:
+        """The tasks whose id matches any glob pattern (``"HumanEval/1?"``; a string may hold
+        several, comma-separated). Raises if nothing matches."""
+        if isinstance(patterns, str):
+            patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+        patterns = list(patterns)
+        chosen = [t for t in self.tasks if any(fnmatch.fnmatchcase(t.id, p) for p in patterns)]
+        if not chosen:
+            raise TaskError(f"tasks = {','.join(patterns)!r} matches no task id in {self.name}")
+        return Taskset(chosen, self.name)
+
     def __getitem__(self, index):  # type: ignore[override]
         return self.tasks[index]
 
@@ -273,4 +291,6 @@ def _task_from_mapping(data: Mapping[str, Any], where: str) -> Task:
             f"{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}"
             for e in err.errors()
         )
-        raise TaskError(f"{where} (id {data.get('id')!r}) is not a valid task: {problems}") from None
+        raise TaskError(
+            f"{where} (id {data.get('id')!r}) is not a valid task: {problems}"
+        ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -10,21 +11,53 @@ import time
 import pytest
 
 SERVER_MARKERS = ("sandboxnb.server", "sandboxnb/server")
+_PR_SET_CHILD_SUBREAPER = 36
 
 
-def sandbox_server_pids() -> set[int]:
-    """Pids of every process on this machine running a sandboxnb server (local, emulated or shipped)."""
-    pids = set()
+def _become_subreaper() -> None:
+    """Orphaned descendants (a double-forked server) are re-parented to this process, so the
+    leak scan below still finds them, and another test run on the machine is never mistaken
+    for ours."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+_become_subreaper()
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def sandbox_server_pids() -> set[int]:
+    """Pids of sandboxnb servers (local, emulated or shipped) started by this test process."""
+    pids = set()
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if any(marker in cmdline for marker in SERVER_MARKERS) and "pytest" not in cmdline:
-            pids.add(int(entry))
+            pids.add(pid)
     return pids
 
 
@@ -43,7 +76,10 @@ def sandbox_containers() -> set[str]:
     try:
         out = subprocess.run(
             ["docker", "ps", "-q", "--filter", "label=sandboxnb"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return set()
@@ -78,7 +114,8 @@ def no_leaked_sandboxes(request):
     for cid in leaked_containers:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
     pytest.fail(
-        f"test leaked sandbox server processes {sorted(leaked)} / containers {sorted(leaked_containers)}"
+        f"test leaked sandbox server processes {sorted(leaked)} "
+        f"/ containers {sorted(leaked_containers)}"
     )
 
 
@@ -86,3 +123,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "docker: needs a running Docker engine (checked for leaks)")
     config.addinivalue_line("markers", "browser: drives a real headless Chromium")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture(autouse=True)
+def _runs_dir(tmp_path, monkeypatch):
+    """Automatic run journals go to the test's own directory, not the working tree."""
+    monkeypatch.setenv("SANDBOXNB_RUNS_DIR", str(tmp_path / "runs"))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandboxnb.config import ConfigError, RuntimeConfig, config_from_flat
+from sandboxnb.config import RuntimeConfig, config_from_flat
 from sandboxnb.notebook.loop import Job, LoopThread, run_blocking, sandbox_loop
 
 __all__ = [
@@ -58,6 +58,7 @@ class SandboxRecord:
     error: str | None = None
     job: Job | None = field(default=None, repr=False)
     _stop: asyncio.Event | None = field(default=None, repr=False)
+    _ready: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def id(self) -> str | None:
@@ -157,35 +158,34 @@ class SandboxManager:
 
     def start(self, record: SandboxRecord) -> Job:
         """Start the sandbox of a prepared record on the sandbox loop (returns at once)."""
-        ready: threading.Event = threading.Event()
-        record.job = self.loop_thread.submit(self._hold(record, ready))
-        record.job.add_done_callback(lambda _f: ready.set())
-        record._ready = ready  # type: ignore[attr-defined]
+        record.job = self.loop_thread.submit(self._hold(record))
+        record.job.add_done_callback(lambda job: self._ended(record, job))
         self._changed()
         return record.job
 
-    async def _hold(self, record: SandboxRecord, ready: threading.Event) -> None:
+    async def _hold(self, record: SandboxRecord) -> None:
         import sandboxnb.launch as launch_mod
 
         record._stop = asyncio.Event()
-        try:
-            async with launch_mod.launch(record.provider, config=record.config) as sb:
-                record.sandbox = sb
-                record.state = "running"
-                ready.set()
-                self._changed()
-                await record._stop.wait()
-                record.state = "stopping"
-                self._changed()
-        except BaseException as exc:
-            if record.state == "starting":
-                record.state = "failed"
-                record.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            if record.state != "failed":
-                record.state = "stopped"
+        async with launch_mod.launch(record.provider, config=record.config) as sb:
+            record.sandbox = sb
+            record.state = "running"
+            record._ready.set()
             self._changed()
+            await record._stop.wait()
+            record.state = "stopping"
+            self._changed()
+
+    def _ended(self, record: SandboxRecord, job: Job) -> None:
+        """Final state once the holding task is over, however it ended (even if cancelled
+        before it ever ran)."""
+        error = None if job.cancelled() else job.exception()
+        if error is not None and record.state == "starting":
+            record.state, record.error = "failed", f"{type(error).__name__}: {error}"
+        else:
+            record.state = "stopped"
+        record._ready.set()
+        self._changed()
 
     def launch(self, provider: str, name: str | None = None, *, wait: bool = True,
                **flat: Any) -> SandboxRecord:
@@ -198,7 +198,7 @@ class SandboxManager:
 
     def wait_ready(self, record: SandboxRecord, timeout: float | None = None) -> SandboxRecord:
         """Block until ``record`` is running; re-raise its launch error. Interrupt cancels it."""
-        ready: threading.Event = record._ready  # type: ignore[attr-defined]
+        ready = record._ready
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not ready.wait(0.05):
@@ -344,5 +344,3 @@ def _reset_manager() -> None:
     global _manager
     _manager = None
 
-
-__all__ += ["ConfigError"]

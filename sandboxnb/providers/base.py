@@ -72,7 +72,7 @@ class Provider(abc.ABC):
         """Ids of sandboxes of ours this provider can still find (leak checks and ``gc``)."""
         return []
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release shared resources (clients, connection pools). Sandboxes are released already."""
 
     def __repr__(self) -> str:

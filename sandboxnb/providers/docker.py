@@ -322,6 +322,11 @@ class DockerProvider(Provider):
         if ready is None:
             state = _exit_state(self._docker(), cid)
             logs = "\n".join(tail) or "(no output)"
+            if "exit code 127" in state or "exec python3 failed" in logs:
+                raise ProviderError(
+                    f"docker: image {image!r} has no python3 (the sandbox server needs python3 "
+                    f">= 3.9 on PATH in the image; {DEFAULT_IMAGE} has it). Output:\n{logs}"
+                )
             raise ProviderError(
                 f"docker: the sandbox server in image {image!r} exited before it was ready "
                 f"({state}); it needs python3 >= 3.9 in the image. Last output:\n{logs}"
@@ -486,6 +491,9 @@ def _remove(client: Any, cid: str) -> None:
     except docker.errors.APIError as err:
         if "already in progress" not in str(err):
             raise
+        # The engine is auto-removing it (the server exited): wait until it is really gone.
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            client.api.wait(cid, timeout=30, condition="removed")
 
 
 def _close_socket(sock: Any) -> None:

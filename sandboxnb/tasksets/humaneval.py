@@ -40,7 +40,11 @@ os._exit(0)
 def check_program(problem: dict[str, Any], completion: str) -> str:
     """The program the official grader executes for ``completion``."""
     return (
-        problem["prompt"] + completion + "\n" + problem["test"] + "\n"
+        problem["prompt"]
+        + completion
+        + "\n"
+        + problem["test"]
+        + "\n"
         + f"check({problem['entry_point']})"
     )
 

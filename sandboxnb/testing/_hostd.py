@@ -179,6 +179,9 @@ class Handler(socketserver.StreamRequestHandler):
             _send(self.wfile, {"exit": proc.returncode, "timed_out": timed_out})
 
     def op_spawn(self, req: dict) -> None:
+        for key in ("stdout", "stderr"):
+            if req.get(key):
+                os.makedirs(os.path.dirname(req[key]) or ".", exist_ok=True)
         out = open(req["stdout"], "ab") if req.get("stdout") else subprocess.DEVNULL
         err = open(req["stderr"], "ab") if req.get("stderr") else subprocess.DEVNULL
         try:

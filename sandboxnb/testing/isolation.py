@@ -12,7 +12,7 @@ Cloud emulators (Daytona, Modal) run each emulated sandbox as an :class:`Isolate
 Stable API (used by both emulators)::
 
     sb = await IsolatedSandbox.start(root_dir, env={"A": "1"}, workdir="/tmp/work")
-    sb.id, sb.root_dir, sb.isolation ("unshare" | "none"), sb.alive, sb.host_pid
+    sb.id, sb.root_dir, sb.workdir, sb.isolation ("unshare" | "none"), sb.alive, sb.host_pid
     r = await sb.exec(["ls"] | "echo hi", cwd=None, env=None, stdin=b"", timeout=None,
                       on_output=None)  # -> ExecOutput(exit_code, stdout, stderr, timed_out)
     pid = await sb.spawn_background(cmd, cwd=None, env=None, stdout_path=None, stderr_path=None)
@@ -43,7 +43,10 @@ from pathlib import Path
 __all__ = ["ExecOutput", "IsolatedSandbox", "SandboxHostError", "namespaces_available"]
 
 _DAEMON = Path(__file__).with_name("_hostd.py")
-_UNSHARE = ["--user", "--map-root-user", "--pid", "--net", "--mount", "--fork", "--kill-child"]
+_UNSHARE = [
+    "--user", "--map-root-user", "--pid", "--net", "--mount", "--fork", "--kill-child",
+    "--mount-proc",
+]
 _ns_ok: bool | None = None
 
 
@@ -88,8 +91,10 @@ class IsolatedSandbox:
     """One emulated sandbox: an isolated process tree plus its control daemon."""
 
     def __init__(self, root_dir: Path, proc: asyncio.subprocess.Process, isolation: str,
-                 report: dict) -> None:
+                 report: dict, workdir: str) -> None:
         self.id = root_dir.name
+        #: default cwd of commands, as a path inside the sandbox (relative paths resolve here)
+        self.workdir = workdir
         self.root_dir = root_dir
         self.isolation = isolation
         #: what the daemon could set up: {"lo": bool, "private_tmp": bool}
@@ -174,7 +179,7 @@ class IsolatedSandbox:
             shutil.rmtree(root, ignore_errors=True)
             raise SandboxHostError(f"sandbox host failed to start: {(line + err).decode()[-2000:]}")
         report = json.loads(line[6:])
-        return cls(root, proc, "unshare" if use_ns else "none", report)
+        return cls(root, proc, "unshare" if use_ns else "none", report, config["workdir"])
 
     @property
     def alive(self) -> bool:
@@ -188,10 +193,10 @@ class IsolatedSandbox:
 
     @staticmethod
     async def _kill_tree(proc: asyncio.subprocess.Process) -> None:
+        # signal the group by pid: Process.kill() would poll() and steal the exit status from
+        # asyncio's child watcher ("Unknown child process")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(proc.wait(), 5)
 

@@ -42,11 +42,12 @@ class CreateRecord:
     image_id: str
     image: str | None  # registry reference or published name the image resolves to
     ports: list[tuple[int, bool]]  # (container port, encrypted)
-    entrypoint: list[str]
+    entrypoint: list[str] = field(repr=False)
     workdir: str | None
     env_keys: list[str]
     created_at: float = field(default_factory=time.time)
     end_reason: str | None = None  # exited | terminated | timeout | idle_timeout | failed
+    start_s: float | None = None  # time to start the isolated tree, entrypoint and tunnels
 
     @property
     def encrypted(self) -> bool:
@@ -99,7 +100,8 @@ class EmulatedSandbox:
         self.result = api_pb2.GenericResult()
         self.finished = asyncio.Event()
         self._watcher: asyncio.Task | None = None
-        self._stopping: asyncio.Task | None = None
+        self._stopping: asyncio.Future | None = None
+        self._start_done = asyncio.Event()
 
     @property
     def alive(self) -> bool:
@@ -107,15 +109,26 @@ class EmulatedSandbox:
 
     async def start(self) -> None:
         """Start the isolated tree, the entrypoint and the tunnel listeners."""
+        try:
+            await self._start()
+        finally:
+            self._start_done.set()
+        if self._stopping is not None:  # stopped while starting: make sure nothing survives
+            await self.stop("terminated", api_pb2.GenericResult.GENERIC_STATUS_TERMINATED)
+            raise RuntimeError(f"sandbox {self.id} was terminated while starting")
+
+    async def _start(self) -> None:
         rec = self.record
         self.box = await IsolatedSandbox.start(
             self._root, env=self._env, workdir=rec.workdir or "/tmp"
         )
         argv = list(rec.entrypoint) or list(_DEFAULT_ENTRYPOINT)
+        # Inside a private mount namespace the host's /tmp (and root_dir) is hidden.
+        logs = "/tmp" if self.box.isolation != "none" else str(self._root)
         self._pid = await self.box.spawn_background(
             argv,
-            stdout_path=str(self._root / "entrypoint.stdout"),
-            stderr_path=str(self._root / "entrypoint.stderr"),
+            stdout_path=f"{logs}/.modal-entrypoint.stdout",
+            stderr_path=f"{logs}/.modal-entrypoint.stderr",
         )
         for port, encrypted in rec.ports:
             tls_server = await asyncio.start_server(
@@ -133,7 +146,8 @@ class EmulatedSandbox:
                     plain.sockets[0].getsockname()[1],
                 )
             self.tunnels.append(info)
-        self._watcher = asyncio.create_task(self._watch())
+        if self._stopping is None:
+            self._watcher = asyncio.create_task(self._watch())
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      port: int) -> None:
@@ -212,6 +226,10 @@ class EmulatedSandbox:
 
     async def _stop(self, reason: str, status: int, exception: str, exitcode: int) -> None:
         self.record.end_reason = reason
+        if not self._start_done.is_set():
+            # Let a start in progress finish so the tree it spawns is the one killed below.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._start_done.wait(), 30)
         watcher = self._watcher
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()

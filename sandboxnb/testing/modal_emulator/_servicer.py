@@ -60,6 +60,7 @@ class ModalServicer(ModalClientBase):
     def __init__(self, emulator: ModalEmulator) -> None:
         self.emu = emulator
         self.calls: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()  # server-side handling time per RPC name
         self.unimplemented: list[str] = []
         self.apps: dict[tuple[str, str], str] = {}
         self.images: dict[str, _Image] = {}
@@ -82,10 +83,19 @@ class ModalServicer(ModalClientBase):
 
     async def _unary(self, stream: Stream, name: str, fn: Callable[[Any], Any]) -> None:
         request = await stream.recv_message()
+        started = time.perf_counter()
         self._check_auth(stream, name)
-        result = fn(request)
-        if asyncio.iscoroutine(result):
-            result = await result
+        try:
+            result = fn(request)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except GRPCError:
+            raise
+        except Exception:
+            log.exception("modal emulator: %s failed", name)
+            raise
+        finally:
+            self.seconds[name] += time.perf_counter() - started
         await stream.send_message(result)
 
     # -- client, environment, apps -----------------------------------------------------------
@@ -96,7 +106,8 @@ class ModalServicer(ModalClientBase):
     async def AuthTokenGet(self, stream: Stream) -> None:
         now = int(time.time())
         token = _jwt({"iat": now, "exp": now + 3600, "sub": self.emu.token_id})
-        await self._unary(stream, "AuthTokenGet", lambda _: api_pb2.AuthTokenGetResponse(token=token))
+        reply = api_pb2.AuthTokenGetResponse(token=token)
+        await self._unary(stream, "AuthTokenGet", lambda _: reply)
 
     async def EnvironmentGetOrCreate(self, stream: Stream) -> None:
         def handle(req: api_pb2.EnvironmentGetOrCreateRequest) -> Any:
@@ -126,7 +137,10 @@ class ModalServicer(ModalClientBase):
 
     async def SecretGetOrCreate(self, stream: Stream) -> None:
         def handle(req: api_pb2.SecretGetOrCreateRequest) -> Any:
-            if req.object_creation_type != api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL:
+            if req.object_creation_type not in (
+                api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL,
+                api_pb2.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP,
+            ):
                 raise GRPCError(Status.NOT_FOUND, f"Secret '{req.deployment_name}' not found")
             secret_id = "st-" + _rand()
             self.secret_env[secret_id] = dict(req.env_dict)
@@ -247,8 +261,10 @@ class ModalServicer(ModalClientBase):
             tls=self.emu.tls_context, tunnel_host=self.emu.tunnel_host,
         )
         self.sandboxes[sandbox_id] = sb
+        started = time.perf_counter()
         try:
             await sb.start()
+            record.start_s = time.perf_counter() - started
         except BaseException as err:
             await sb.stop("failed", api_pb2.GenericResult.GENERIC_STATUS_FAILURE, repr(err))
             raise
@@ -281,7 +297,7 @@ class ModalServicer(ModalClientBase):
                     env.update(source.env.contents)
                 else:
                     env.update(self.secret_env.get(source.secret_id, {}))
-            sandbox_id = "sb2-" + _rand()
+            sandbox_id = "sb-v2" + _rand(24)  # not the V1 shape: the SDK routes it to V2
             sb = await self._create_guarded(
                 "v2", sandbox_id, "ta-" + _rand() + _V2_TASK_MARKER, req, env
             )
@@ -363,7 +379,7 @@ class ModalServicer(ModalClientBase):
                 continue
             if not req.include_finished and sb.finished.is_set():
                 continue
-            if req.HasField("before_timestamp") and rec.created_at >= req.before_timestamp:
+            if req.before_timestamp and rec.created_at >= req.before_timestamp:
                 continue
             if any(rec.tags.get(k) != v for k, v in wanted.items()):
                 continue

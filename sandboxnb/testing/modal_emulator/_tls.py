@@ -23,7 +23,7 @@ class TunnelCertificates:
     """A CA written to ``directory/ca.pem`` and a leaf certificate for ``hosts`` signed by it."""
 
     def __init__(self, directory: Path, hosts: list[str]) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = _name("sandboxnb modal emulator CA")

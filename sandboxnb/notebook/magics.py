@@ -1,0 +1,393 @@
+"""``%sandbox`` (launch, ls, stop, providers, run) and ``%%sandbox`` (run a cell in a sandbox).
+
+Magics are synchronous: each one hands its coroutine to the sandbox loop and waits
+(:func:`sandboxnb.notebook.loop.run_blocking`), printing streamed output on the kernel's main
+thread so it lands in the running cell. Kernel > Interrupt cancels the remote work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import time
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser
+from traitlets import Float, Int, Unicode
+
+from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
+from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows, run_html
+from sandboxnb.notebook.state import SandboxHandle, SandboxManager, manager
+
+__all__ = ["RemoteCellError", "RemoteValue", "SandboxMagics"]
+
+
+class _Parser(MagicArgumentParser):
+    """MagicArgumentParser whose errors show the usage line and where to read more."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}\n"
+                         "(see %sandbox? for every subcommand and option)")
+
+
+def _add_resource_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="container image (providers that run images)")
+    parser.add_argument("--cpu", type=float, help="CPU cores, e.g. 1 or 0.5")
+    parser.add_argument("--memory-mb", type=int, dest="memory_mb", help="memory limit in MiB")
+    parser.add_argument("--gpu", help="GPU spec TYPE or TYPE:COUNT, e.g. A10G:2")
+    parser.add_argument("--timeout", type=float, help="sandbox lifetime cap in seconds")
+
+
+def _line_parser() -> _Parser:
+    parser = _Parser(prog="%sandbox", description="Manage sandboxes from a notebook.")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+    launch = sub.add_parser("launch", prog="%sandbox launch",
+                            help="start an interactive sandbox, kept until stopped")
+    launch.add_argument("provider", nargs="?", help="provider name (default: the configured one)")
+    launch.add_argument("--name", help="variable and sandbox name (default sb1, sb2, ...)")
+    _add_resource_options(launch)
+    sub.add_parser("ls", prog="%sandbox ls", help="table of interactive sandboxes")
+    stop = sub.add_parser("stop", prog="%sandbox stop", help="stop one sandbox, or --all")
+    stop.add_argument("name", nargs="?", help="sandbox name")
+    stop.add_argument("--all", action="store_true", help="stop every interactive sandbox")
+    sub.add_parser("providers", prog="%sandbox providers",
+                   help="installed providers, what they support, why one is unavailable")
+    run = sub.add_parser("run", prog="%sandbox run", help="run a taskset with an agent")
+    run.add_argument("taskset", help="'humaneval', a .json/.jsonl path or a variable name")
+    run.add_argument("--agent", required=True,
+                     help="'oracle', 'samples:PATH', 'module:function' or a variable name")
+    run.add_argument("--runtime", help="provider name (default: the configured one)")
+    run.add_argument("--max-concurrent", type=int, dest="max_concurrent", default=None)
+    run.add_argument("--repeats", type=int, default=1)
+    run.add_argument("--limit", type=int, help="only the first N tasks")
+    run.add_argument("--rollout-timeout", type=float, dest="rollout_timeout",
+                     help="per-rollout deadline in seconds")
+    run.add_argument("--journal", help="JSONL file that receives every row as it finishes")
+    run.add_argument("-o", "--output", dest="output", help="store the results DataFrame here")
+    _add_resource_options(run)
+    return parser
+
+
+def _cell_parser() -> _Parser:
+    parser = _Parser(prog="%%sandbox", description="Run this cell in a sandbox.")
+    parser.add_argument("target", nargs="?",
+                        help="a running sandbox's name, or a provider for a one-shot sandbox")
+    parser.add_argument("--bash", action="store_true", help="run the cell as a shell script")
+    parser.add_argument("-o", "--output", dest="output",
+                        help="store the PythonResult / ExecResult in this variable")
+    _add_resource_options(parser)
+    return parser
+
+
+LINE_PARSER = _line_parser()
+CELL_PARSER = _cell_parser()
+_RESOURCE_KEYS = ("image", "cpu", "memory_mb", "gpu", "timeout")
+
+
+class RemoteCellError(Exception):
+    """The code of a ``%%sandbox`` cell failed remotely; shown as the remote traceback."""
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+
+    def _render_traceback_(self) -> list[str]:
+        lines = ["\x1b[31mRemote traceback (in the sandbox):\x1b[0m"]
+        if self.remote_traceback:
+            lines += self.remote_traceback.rstrip("\n").splitlines()
+        else:
+            lines.append(str(self))
+        return lines
+
+
+class RemoteValue:
+    """The value of a remote cell's last expression, shown by its remote ``repr``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _Streamer:
+    """Collects output from the sandbox loop thread; prints it from the kernel's main thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def __call__(self, stream: str, data: Any) -> None:
+        self._queue.put((stream, data))
+
+    def flush(self) -> None:
+        while True:
+            try:
+                stream, data = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(data, bytes):
+                data = data.decode(errors="replace")
+            target = sys.stderr if stream == "stderr" else sys.stdout
+            target.write(data)
+            target.flush()
+
+
+@magics_class
+class SandboxMagics(Magics):
+    """The ``%sandbox`` / ``%%sandbox`` magics. Settings (``%config SandboxMagics``)."""
+
+    default_provider = Unicode(
+        "local", help="provider used when a magic names none (local, docker, modal, daytona)"
+    ).tag(config=True)
+    default_image = Unicode(None, allow_none=True, help="default image").tag(config=True)
+    default_cpu = Float(None, allow_none=True, help="default CPU cores").tag(config=True)
+    default_memory_mb = Int(None, allow_none=True, help="default memory in MiB").tag(config=True)
+    default_gpu = Unicode(None, allow_none=True, help="default GPU spec (TYPE[:COUNT])").tag(
+        config=True
+    )
+    default_timeout = Float(None, allow_none=True, help="default sandbox lifetime cap (s)").tag(
+        config=True
+    )
+    max_concurrent = Int(8, help="default concurrency of %sandbox run").tag(config=True)
+
+    def __init__(self, shell: Any = None, manager_: SandboxManager | None = None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self.manager = manager_ or manager()
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _resources(self, args: argparse.Namespace) -> dict[str, Any]:
+        defaults = {
+            "image": self.default_image, "cpu": self.default_cpu,
+            "memory_mb": self.default_memory_mb, "gpu": self.default_gpu,
+            "timeout": self.default_timeout,
+        }
+        return {k: (getattr(args, k) if getattr(args, k) is not None else defaults[k])
+                for k in _RESOURCE_KEYS}
+
+    def _validate(self, provider: str, **flat: Any):
+        from sandboxnb.notebook.state import validate_launch
+
+        try:
+            return validate_launch(provider, **flat)
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err)) from None
+
+    # ---- entry point -------------------------------------------------------------------
+    @line_cell_magic
+    def sandbox(self, line: str, cell: str | None = None) -> Any:
+        """Sandboxes from a notebook.
+
+        Line magic::
+
+          %sandbox launch [PROVIDER] [--name NAME] [--image IMG] [--cpu N] [--memory-mb N]
+                          [--gpu TYPE[:COUNT]] [--timeout S]
+          %sandbox ls
+          %sandbox stop NAME | --all
+          %sandbox providers
+          %sandbox run TASKSET --agent AGENT [--runtime PROVIDER] [--max-concurrent N]
+                       [--repeats N] [--limit N] [--journal PATH] [-o VAR] [resource options]
+
+        Cell magic (runs the cell in a sandbox: Python in its persistent namespace, or a shell
+        script with --bash; output streams live; Kernel > Interrupt cancels it remotely)::
+
+          %%sandbox [NAME | PROVIDER [resource options]] [--bash] [-o VAR]
+        """
+        remember_kernel_loop()
+        if cell is not None:
+            return self._cell(line, cell)
+        args = LINE_PARSER.parse_argstring(line)
+        if args.command is None:
+            raise UsageError(
+                "%sandbox needs a subcommand: launch, ls, stop, providers or run "
+                "(e.g. %sandbox launch local; see %sandbox?)"
+            )
+        return getattr(self, f"_cmd_{args.command}")(args)
+
+    # ---- subcommands -------------------------------------------------------------------
+    def _cmd_launch(self, args: argparse.Namespace) -> None:
+        provider = args.provider or self.default_provider
+        try:
+            record = self.manager.prepare(provider, args.name, **self._resources(args))
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err)) from None
+        self.manager.start(record)
+        self.manager.wait_ready(record)
+        self.shell.user_ns[record.name] = SandboxHandle(record, self.manager)
+        summary = record.summary()
+        print(f"sandbox {record.name} is running ({record.provider}, id {record.id}; "
+              f"{summary['config']}). Use it as `{record.name}` (await {record.name}.exec(...)) "
+              f"or `%%sandbox {record.name}`; stop it with `%sandbox stop {record.name}`.")
+
+    def _cmd_ls(self, args: argparse.Namespace) -> SandboxTable:
+        return SandboxTable(self.manager.records())
+
+    def _cmd_stop(self, args: argparse.Namespace) -> None:
+        if args.all and args.name:
+            raise UsageError("%sandbox stop: give either a NAME or --all, not both")
+        if args.all:
+            names = self.manager.stop_all()
+            for name in names:
+                self._forget(name)
+            print(f"stopped {len(names)} sandbox(es)" + (f": {', '.join(names)}" if names else ""))
+            return
+        if not args.name:
+            raise UsageError(
+                "%sandbox stop needs a sandbox NAME or --all; running: "
+                f"{', '.join(self.manager.names()) or 'none'}"
+            )
+        try:
+            self.manager.stop(args.name)
+        except KeyError:
+            raise UsageError(
+                f"no running sandbox named {args.name!r}; running: "
+                f"{', '.join(self.manager.names()) or 'none'} (see %sandbox ls)"
+            ) from None
+        self._forget(args.name)
+        print(f"stopped {args.name}")
+
+    def _forget(self, name: str) -> None:
+        value = self.shell.user_ns.get(name)
+        if isinstance(value, SandboxHandle):
+            del self.shell.user_ns[name]
+
+    def _cmd_providers(self, args: argparse.Namespace) -> ProvidersTable:
+        return ProvidersTable(provider_rows())
+
+    def _cmd_run(self, args: argparse.Namespace) -> Any:
+        from IPython.display import HTML, display
+
+        from sandboxnb.scheduler import start
+        from sandboxnb.tasks import Taskset
+
+        for field, value in (("--max-concurrent", args.max_concurrent),
+                             ("--repeats", args.repeats), ("--limit", args.limit)):
+            if value is not None and value < 1:
+                raise UsageError(f"{field} = {value}: expected an integer >= 1")
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"-o {args.output!r}: expected a Python variable name")
+        runtime = args.runtime or self.default_provider
+        ns = self.shell.user_ns
+        taskset_arg = ns.get(args.taskset, args.taskset) if args.taskset.isidentifier() and \
+            args.taskset != "humaneval" else args.taskset
+        agent = ns.get(args.agent, args.agent) if args.agent.isidentifier() and \
+            args.agent != "oracle" else args.agent
+        flat = {k: v for k, v in self._resources(args).items() if v is not None}
+        self._validate(runtime, **flat)
+        from sandboxnb.config import config_from_flat
+
+        try:
+            tasks = Taskset.load(taskset_arg)
+            if args.limit is not None:
+                tasks = Taskset(list(tasks)[: args.limit], name=tasks.name)
+        except (ValueError, OSError) as err:
+            raise UsageError(str(err)) from None
+        holder: dict[str, Any] = {}
+
+        async def go() -> Any:
+            run = start(
+                tasks, agent, runtime, config=config_from_flat(**flat),
+                max_concurrent=args.max_concurrent or self.max_concurrent,
+                repeats=args.repeats, timeout_s=args.rollout_timeout, journal=args.journal,
+            )
+            holder["run"] = run
+            try:
+                return await run
+            except BaseException:
+                run.cancel()
+                if run._task is not None:
+                    import asyncio
+
+                    await asyncio.gather(run._task, return_exceptions=True)
+                raise
+
+        handle = display(HTML("<i>starting run...</i>"), display_id=True)
+        last = {"n": -1, "t": 0.0}
+
+        def tick() -> None:
+            run = holder.get("run")
+            if run is None or handle is None:
+                return
+            now = time.monotonic()
+            if len(run.rows) != last["n"] and now - last["t"] > 0.3:
+                last["n"], last["t"] = len(run.rows), now
+                handle.update(HTML(run_html(run)))
+
+        try:
+            run = run_blocking(go(), on_tick=tick, tick_s=0.1)
+        except (ValueError, FileExistsError, FileNotFoundError) as err:
+            if "run" in holder:
+                raise
+            raise UsageError(str(err)) from None
+        finally:
+            run_now = holder.get("run")
+            if run_now is not None and handle is not None:
+                handle.update(HTML(run_html(run_now)))
+        if args.output:
+            ns[args.output] = run.to_pandas()
+            print(f"{len(run.rows)} rows -> {args.output} (a pandas DataFrame)")
+        ns["_sandbox_run"] = run
+        return None
+
+    # ---- cell magic --------------------------------------------------------------------
+    def _cell(self, line: str, cell: str) -> Any:
+        args = CELL_PARSER.parse_argstring(line)
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"-o {args.output!r}: expected a Python variable name")
+        target = args.target
+        record = self.manager.get(target) if target else None
+        given = {k: getattr(args, k) for k in _RESOURCE_KEYS if getattr(args, k) is not None}
+        if record is not None:
+            if given:
+                raise UsageError(
+                    f"%%sandbox {target}: resource options ({', '.join(given)}) apply only to a "
+                    f"fresh sandbox; {target} is already running with its own config"
+                )
+            oneshot = None
+        else:
+            from sandboxnb.providers import provider_names
+
+            provider = target or self.default_provider
+            if provider not in provider_names():
+                raise UsageError(
+                    f"%%sandbox {target}: no running sandbox and no provider of that name; "
+                    f"running: {', '.join(self.manager.names()) or 'none'}; providers: "
+                    f"{', '.join(provider_names())} (start one with %sandbox launch)"
+                )
+            _, config = self._validate(provider, **self._resources(args))
+            oneshot = (provider, config)
+
+        streamer = _Streamer()
+
+        async def body(sb: Any) -> Any:
+            if args.bash:
+                return await sb.exec(cell, on_output=streamer)
+            return await sb.python(cell, on_output=streamer, check=True)
+
+        async def go() -> Any:
+            if oneshot is None:
+                return await body(record.sandbox)
+            from sandboxnb.launch import launch
+
+            async with launch(oneshot[0], config=oneshot[1]) as sb:
+                return await body(sb)
+
+        from sandboxnb.errors import RemotePythonError
+
+        try:
+            result = run_blocking(go(), on_tick=streamer.flush)
+        except RemotePythonError as err:
+            streamer.flush()
+            raise RemoteCellError(str(err), err.traceback or str(err)) from None
+        if args.output:
+            self.shell.user_ns[args.output] = result
+        if args.bash:
+            if getattr(result, "timed_out", False):
+                raise RemoteCellError("remote script timed out")
+            if result.exit_code != 0:
+                raise RemoteCellError(f"remote script exited with code {result.exit_code}")
+            return None
+        value = getattr(result, "value", None)
+        return RemoteValue(value) if value is not None else None

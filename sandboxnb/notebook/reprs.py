@@ -1,0 +1,233 @@
+"""HTML and text views of sandboxes, providers and runs. They only read attributes: never block,
+never touch a loop, so they are safe to call from any thread and from display formatters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from html import escape
+from typing import Any
+
+__all__ = [
+    "ProvidersTable",
+    "SandboxTable",
+    "format_age",
+    "provider_rows",
+    "providers_html",
+    "reward_histogram_svg",
+    "run_html",
+    "run_text",
+    "sandboxes_html",
+    "table_html",
+    "table_text",
+]
+
+_STYLE = (
+    "border-collapse:collapse;font-family:var(--jp-code-font-family,monospace);font-size:12px"
+)
+_CELL = "border:1px solid #ddd;padding:2px 8px;text-align:left"
+_STATE_COLOURS = {"running": "#1a7f37", "starting": "#9a6700", "failed": "#cf222e",
+                  "stopped": "#57606a", "stopping": "#9a6700"}
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h01m``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def table_html(columns: Sequence[str], rows: Iterable[Sequence[Any]], css_class: str = "") -> str:
+    """A small bordered HTML table; every cell is escaped."""
+    head = "".join(f"<th style='{_CELL}'>{escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='{_CELL}'>{_cell(v)}</td>" for v in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table class='{css_class}' style='{_STYLE}'><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, _Raw):
+        return value.html
+    return escape("" if value is None else str(value))
+
+
+class _Raw:
+    def __init__(self, html: str) -> None:
+        self.html = html
+
+
+def table_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain aligned text table."""
+    text_rows = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text_rows]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for row in text_rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+# ---- sandboxes -----------------------------------------------------------------------------
+SANDBOX_COLUMNS = ("name", "provider", "id", "age", "config", "state")
+
+
+def _sandbox_row(record: Any, html: bool) -> list[Any]:
+    row = record.summary()
+    state = row["state"] + (f" ({row['error']})" if row["error"] else "")
+    if html:
+        colour = _STATE_COLOURS.get(row["state"], "inherit")
+        state = _Raw(f"<span style='color:{colour}'>{escape(state)}</span>")
+    return [row["name"], row["provider"], row["id"], format_age(row["age_s"]), row["config"],
+            state]
+
+
+def sandboxes_html(records: Sequence[Any]) -> str:
+    """HTML table of interactive sandboxes (``SandboxRecord``s)."""
+    if not records:
+        return "<i>no sandboxes running</i> (start one with <code>%sandbox launch</code>)"
+    return table_html(SANDBOX_COLUMNS, (_sandbox_row(r, True) for r in records), "sandboxnb-ls")
+
+
+class SandboxTable:
+    """What ``%sandbox ls`` returns: a snapshot with text and HTML reprs; ``.rows`` are dicts."""
+
+    def __init__(self, records: Sequence[Any]) -> None:
+        self._records = list(records)
+        self.rows = [r.summary() for r in self._records]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        if not self._records:
+            return "no sandboxes running (start one with %sandbox launch)"
+        return table_text(SANDBOX_COLUMNS, (_sandbox_row(r, False) for r in self._records))
+
+    def _repr_html_(self) -> str:
+        return sandboxes_html(self._records)
+
+
+# ---- providers -----------------------------------------------------------------------------
+PROVIDER_COLUMNS = ("provider", "available", "supports", "why unavailable / how to enable")
+
+
+def provider_rows() -> list[dict[str, Any]]:
+    """One row per registered provider: availability, reason and supported fields.
+
+    A provider whose module cannot be imported (optional SDK missing) is reported unavailable
+    with the import error and the extra to install.
+    """
+    from sandboxnb.providers import provider_class, provider_names
+
+    rows = []
+    for name in provider_names():
+        try:
+            cls = provider_class(name)
+            avail = cls.availability()
+            rows.append({
+                "provider": name,
+                "available": bool(avail.available),
+                "supports": ", ".join(sorted(cls.supported)),
+                "reason": "" if avail.available else avail.reason,
+                "description": getattr(cls, "description", ""),
+            })
+        except Exception as err:  # ImportError of an optional SDK, or a broken plug-in
+            rows.append({
+                "provider": name,
+                "available": False,
+                "supports": "",
+                "reason": f"cannot import: {err} (try: pip install 'sandboxnb[{name}]')",
+                "description": "",
+            })
+    return rows
+
+
+def _provider_cells(row: dict[str, Any]) -> list[Any]:
+    return [row["provider"], "yes" if row["available"] else "no", row["supports"], row["reason"]]
+
+
+def providers_html(rows: Sequence[dict[str, Any]]) -> str:
+    return table_html(PROVIDER_COLUMNS, (_provider_cells(r) for r in rows), "sandboxnb-providers")
+
+
+class ProvidersTable:
+    """What ``%sandbox providers`` returns; ``.rows`` are dicts."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows = list(rows)
+
+    def __repr__(self) -> str:
+        return table_text(PROVIDER_COLUMNS, (_provider_cells(r) for r in self.rows))
+
+    def _repr_html_(self) -> str:
+        return providers_html(self.rows)
+
+
+# ---- runs ----------------------------------------------------------------------------------
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def run_text(run: Any) -> str:
+    """One line of progress for a Run-like object (rows, total, status, counts())."""
+    rows = list(getattr(run, "rows", []))
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(run.counts().items())) or "no rows yet"
+    rewards = [r["reward"] for r in rows if _is_number(r.get("reward"))]
+    mean = _mean(rewards)
+    mean_s = "-" if math.isnan(mean) else f"{mean:.3f}"
+    return f"{len(rows)}/{run.total} rollouts ({counts}); mean reward {mean_s}; {run.status}"
+
+
+def run_html(run: Any, newest: int = 5) -> str:
+    """Progress bar, counts, mean reward and the newest rows of a Run."""
+    rows = list(getattr(run, "rows", []))
+    total = max(int(getattr(run, "total", 0) or 0), 1)
+    pct = min(100.0, 100.0 * len(rows) / total)
+    bar = (
+        "<div style='width:320px;height:10px;background:#eee;border-radius:3px'>"
+        f"<div style='width:{pct:.1f}%;height:10px;background:#2da44e;border-radius:3px'>"
+        "</div></div>"
+    )
+    recent = rows[-newest:][::-1]
+    cols = ("task_id", "status", "reward", "duration_s", "error")
+    table = table_html(cols, ([_short(r.get(c)) for c in cols] for r in recent)) if recent else ""
+    return f"<div class='sandboxnb-run'>{bar}<div>{escape(run_text(run))}</div>{table}</div>"
+
+
+def _short(value: Any, limit: int = 80) -> Any:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def reward_histogram_svg(rewards: Sequence[float], bins: int = 10, width: int = 320,
+                         height: int = 90) -> str:
+    """An inline SVG histogram of rewards in [0, 1] (values outside are clamped)."""
+    counts = [0] * bins
+    for value in rewards:
+        if _is_number(value):
+            idx = min(bins - 1, max(0, int(float(value) * bins)))
+            counts[idx] += 1
+    top = max(counts) or 1
+    bar_w = width / bins
+    bars = []
+    for i, n in enumerate(counts):
+        h = (height - 14) * n / top
+        bars.append(
+            f"<rect x='{i * bar_w + 1:.1f}' y='{height - 14 - h:.1f}' width='{bar_w - 2:.1f}' "
+            f"height='{h:.1f}' fill='#0969da'><title>{i / bins:.1f}-{(i + 1) / bins:.1f}: "
+            f"{n}</title></rect>"
+        )
+    axis = (f"<text x='0' y='{height - 2}' font-size='10'>0</text>"
+            f"<text x='{width - 8}' y='{height - 2}' font-size='10'>1</text>")
+    return (f"<svg class='sandboxnb-hist' width='{width}' height='{height}' "
+            f"xmlns='http://www.w3.org/2000/svg'>{''.join(bars)}{axis}</svg>")

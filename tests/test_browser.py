@@ -1,0 +1,177 @@
+"""JupyterLab in a real headless Chromium: run notebooks/widgets.ipynb, click Launch, watch the
+sandbox's row appear, click Stop, watch it go. Needs /usr/bin/chromium (scripts/setup-browser)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import _alive, sandbox_server_pids
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _get(url: str, method: str = "GET", timeout: float = 5) -> bytes:
+    request = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    """JupyterLab on 127.0.0.1 with an empty token, serving a copy of notebooks/widgets.ipynb."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(ROOT / "notebooks" / "widgets.ipynb", work / "widgets.ipynb")
+    home = tmp_path / "home"
+    home.mkdir()
+    port = _free_port()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT),
+           "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
+    log = (tmp_path / "jupyterlab.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={work}",
+         "--ServerApp.disable_check_xsrf=True", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _get(f"{base}/api/status")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text()
+                    ) from None
+                time.sleep(0.2)
+        yield base, proc
+    finally:
+        try:  # shut kernels down cleanly first: they release their sandboxes at exit
+            for kernel in json.loads(_get(f"{base}/api/kernels")):
+                _get(f"{base}/api/kernels/{kernel['id']}", method="DELETE", timeout=30)
+        except OSError:
+            pass
+        tree = _descendants(proc.pid) | {proc.pid}
+        with_servers = tree & sandbox_server_pids()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        log.close()
+        assert not _alive(with_servers), "sandbox servers outlived the kernel"
+
+
+def test_launch_and_stop_from_jupyterlab(jupyterlab, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `sudo scripts/setup-browser` (installs Debian's "
+                    "chromium); this test never downloads a browser")
+    from playwright.sync_api import expect, sync_playwright
+
+    base, server = jupyterlab
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/lab/tree/widgets.ipynb")
+            page.locator(".jp-Notebook").first.wait_for()
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+                timeout=90_000
+            )
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+            launch = page.locator(".sandboxnb-launch").first
+            launch.wait_for(timeout=120_000)
+            page.screenshot(path=str(shots / "1-launcher.png"))
+            launch.click()
+            row = page.locator(".sandboxnb-row").first
+            expect(row).to_contain_text("sb1", timeout=90_000)
+            expect(row).to_contain_text("running", timeout=90_000)
+            expect(row).to_contain_text("local")
+            page.screenshot(path=str(shots / "2-running.png"))
+            servers = _alive(sandbox_server_pids()) & _descendants(server.pid)
+            assert len(servers) >= 1, "no sandbox server runs under the kernel"
+
+            row.locator(".sandboxnb-stop").click()
+            expect(page.locator(".sandboxnb-row")).to_have_count(0, timeout=90_000)
+            page.screenshot(path=str(shots / "3-stopped.png"))
+            deadline = time.monotonic() + 10
+            while _alive(servers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(servers), "the stopped sandbox's server is still running"
+        except BaseException:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(shots / "failure.png"), full_page=True)
+                keep = ROOT / "test-output" / "browser"
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(shots / "failure.png", keep / "failure.png")
+            raise
+        finally:
+            context.close()
+    assert sorted(p.name for p in shots.iterdir()) == ["1-launcher.png", "2-running.png",
+                                                        "3-stopped.png"]
+    keep = ROOT / "test-output" / "browser"
+    keep.mkdir(parents=True, exist_ok=True)
+    for shot in shots.iterdir():
+        shutil.copy(shot, keep / shot.name)

@@ -1,0 +1,237 @@
+"""The async client against real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sandboxnb import protocol as P
+from sandboxnb.client import ExecResult, PythonResult, connect
+from sandboxnb.errors import (
+    AuthenticationError,
+    ConnectionLost,
+    RemoteError,
+    RemotePythonError,
+    SandboxTimeout,
+)
+from sandboxnb.server import bundle_path
+
+TOKEN = "client-test-token"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real server; yields (url, workdir, proc)."""
+    env = dict(os.environ, SANDBOXNB_TOKEN=TOKEN)
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-E", "-s", str(bundle_path()), "--workdir", str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    ready = json.loads(proc.stdout.readline().split(b" ", 1)[1])
+    yield f"tcp://127.0.0.1:{ready['port']}", work, proc
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(5)
+    except (OSError, subprocess.TimeoutExpired):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    proc.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def _wait_file(path, within=5.0) -> str:
+    deadline = time.monotonic() + within
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.02)
+    return path.read_text()
+
+
+async def _wait_dead(pid: int, within=5.0) -> bool:
+    deadline = time.monotonic() + within
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_exec_streams_through_callback(server):
+    url, _, _ = server
+    seen: list[tuple[float, str, str]] = []
+    async with await connect(url, TOKEN) as sb:
+        start = time.monotonic()
+        result = await sb.exec("echo one; echo two >&2; sleep 0.6; echo three",
+                               on_output=lambda s, d: seen.append((time.monotonic(), s, d)))
+        end = time.monotonic()
+    assert isinstance(result, ExecResult) and result.ok
+    assert result.stdout == "one\nthree\n" and result.stderr == "two\n"
+    assert seen[0][0] - start < 0.5 < end - start  # first chunk long before the end
+    assert sb.closed
+
+
+async def test_exec_options_and_results(server):
+    url, work, _ = server
+    async with await connect(url, TOKEN) as sb:
+        r = await sb.exec(["sh", "-c", "cat; echo $X; pwd"], stdin=b"in\n", env={"X": "y"},
+                          cwd=str(work))
+        assert r.stdout == f"in\ny\n{work}\n"
+        failed = await sb.exec("exit 4")
+        assert failed.exit_code == 4 and not failed.ok
+        slow = await sb.exec("sleep 30", timeout=0.2)
+        assert slow.timed_out and not slow.ok and slow.duration_s < 5
+        assert await sb.ping() < 1.0
+        bad = sb.exec("true", cwd="/does/not/exist")
+        with pytest.raises(RemoteError) as info:
+            await bad
+        assert info.value.code == P.INVALID_PARAMS
+
+
+async def test_wrong_token_raises_authentication_error(server):
+    url, _, _ = server
+    with pytest.raises(AuthenticationError):
+        await connect(url, "wrong")
+    with pytest.raises(AuthenticationError):
+        await connect(url, "")
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        await connect("http://127.0.0.1:1", TOKEN)
+
+
+async def test_cancelling_exec_kills_the_remote_process(server):
+    url, work, _ = server
+    async with await connect(url, TOKEN) as sb:
+        task = asyncio.ensure_future(sb.exec("sleep 300 & echo $! > pid; wait"))
+        pid = int(await _wait_file(work / "pid"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _wait_dead(pid)
+        assert (await sb.exec("echo still")).stdout == "still\n"
+
+
+async def test_python_values_errors_and_timeouts(server):
+    url, _, _ = server
+    async with await connect(url, TOKEN) as sb:
+        r = await sb.python("import os\nn = 6\nprint('out')\nn * 7")
+        assert isinstance(r, PythonResult) and r.value == "42" and r.stdout == "out\n"
+        assert (await sb.python("n")).value == "6"
+        with pytest.raises(RemotePythonError) as info:
+            await sb.python("def boom():\n    raise KeyError('k')\nboom()")
+        assert info.value.type == "KeyError" and "raise KeyError('k')" in info.value.traceback
+        soft = await sb.python("1/0", check=False)
+        assert soft.error["type"] == "ZeroDivisionError" and not soft.ok
+        start = time.monotonic()
+        with pytest.raises(SandboxTimeout) as timeout:
+            await sb.python("import time\ntime.sleep(1000)", timeout=0.3)
+        assert time.monotonic() - start < 3
+        assert timeout.value.data["namespace_reset"] is False
+        assert (await sb.python("n")).value == "6"
+
+
+async def test_cancelling_python_interrupts_it(server):
+    url, _, _ = server
+    async with await connect(url, TOKEN) as sb:
+        await sb.python("import os\nworker = os.getpid()\nstate = 'kept'")
+        task = asyncio.ensure_future(sb.python("import time\ntime.sleep(1000)"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await sb.python("state")).value == "'kept'"
+
+
+async def test_files(server):
+    url, work, _ = server
+    async with await connect(url, TOKEN) as sb:
+        path = await sb.write_file("a/b/c.txt", "héllo", mode=0o640)
+        assert path == str(work / "a/b/c.txt")
+        assert await sb.read_file("a/b/c.txt") == "héllo".encode()
+        blob = os.urandom(300_000)
+        await sb.write_file("blob", blob)
+        assert await sb.read_file(str(work / "blob")) == blob
+        with pytest.raises(RemoteError) as info:
+            await sb.read_file("missing")
+        assert info.value.code == P.FILE_ERROR
+        with pytest.raises(RemoteError) as info:
+            await sb.write_file("huge", b"x" * (P.MAX_FILE_BYTES + 1))
+        assert info.value.code == P.FILE_TOO_LARGE and "limit" in info.value.message
+
+
+@pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL])
+async def test_dead_server_raises_connection_lost_promptly(server, how):
+    url, work, proc = server
+    sb = await connect(url, TOKEN, heartbeat_s=0.3)
+    child = None
+    try:
+        pending = asyncio.ensure_future(sb.exec("echo $$ > pid; exec sleep 60"))
+        child = int(await _wait_file(work / "pid"))
+        start = time.monotonic()
+        os.kill(proc.pid, how)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(pending, 10)
+        assert time.monotonic() - start < 3
+        assert sb.closed
+        with pytest.raises(ConnectionLost):
+            await sb.ping()
+    finally:
+        await sb.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        if child is not None:  # a SIGKILLed server cannot clean up its children
+            os.killpg(child, signal.SIGKILL)
+
+
+async def test_repr_never_shows_the_token(server):
+    url, _, _ = server
+    sb = await connect(url, TOKEN)
+    try:
+        text, html = repr(sb), sb._repr_html_()
+        assert "open" in text and url in text and TOKEN not in text + html
+        assert "sandboxnb" in html and sb.info["python"] in html
+    finally:
+        await sb.close()
+    assert "closed" in repr(sb)
+
+
+async def test_shutdown_stops_the_server(server):
+    url, _, proc = server
+    sb = await connect(url, TOKEN)
+    await sb.shutdown()
+    assert sb.closed
+    assert await asyncio.to_thread(proc.wait, 5) == 0
+
+
+async def test_unix_socket_url(tmp_path):
+    sock = tmp_path / "srv.sock"
+    env = dict(os.environ, SANDBOXNB_TOKEN=TOKEN)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the test owns this process
+        [sys.executable, "-S", "-E", "-s", str(bundle_path()), "--unix", str(sock)],
+        stdout=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith(b"SANDBOXNB_READY")
+        async with await connect(f"unix://{sock}", TOKEN) as sb:
+            assert (await sb.exec("echo unix")).stdout == "unix\n"
+            await sb.shutdown()
+        assert await asyncio.to_thread(proc.wait, 5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

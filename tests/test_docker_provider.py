@@ -1,0 +1,298 @@
+"""The Docker provider against a real engine (start one with `sudo bash scripts/setup-docker`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import sandboxnb
+from sandboxnb.client import connect
+from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat
+from sandboxnb.errors import SandboxError
+from sandboxnb.providers import ProviderError, get_provider
+from sandboxnb.providers.docker import BUSYBOX_IMAGE, DEFAULT_IMAGE, LABEL, DockerProvider
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A Docker SDK client; fails (never skips) when the engine or the images are missing."""
+    status = DockerProvider.availability()
+    if not status.available:
+        pytest.fail(f"Docker provider unavailable: {status.reason}. Run scripts/setup-docker first.")
+    import docker
+
+    client = docker.from_env()
+    yield client
+    client.close()
+
+
+def ours(client) -> set[str]:
+    """Ids of every sandboxnb-labelled container the engine has, in any state."""
+    return {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=1"})}
+
+
+@pytest.fixture
+async def provider(engine):
+    before = ours(engine)
+    prov = DockerProvider()
+    yield prov
+    await prov.aclose()
+    assert ours(engine) - before == set(), "containers left behind"
+
+
+async def test_registry_and_availability(engine):
+    prov = get_provider("docker")
+    assert isinstance(prov, DockerProvider) and prov.name == "docker"
+    assert DockerProvider.availability().available
+    await prov.aclose()
+
+
+async def test_exec_streaming_files_and_python(provider, engine):
+    config = config_from_flat(cpu=1, memory_mb=512)
+    async with provider.sandbox(config) as endpoint:
+        assert endpoint.url.startswith("tcp://127.0.0.1:")
+        assert endpoint.provider == "docker" and endpoint.config.image == DEFAULT_IMAGE
+        async with await connect(endpoint) as sb:
+            chunks: list[tuple[str, str]] = []
+            r = await sb.exec(
+                "for i in 1 2 3; do echo line$i; done; echo oops >&2; exit 3",
+                on_output=lambda stream, data: chunks.append((stream, data)),
+            )
+            assert r.exit_code == 3 and r.stdout == "line1\nline2\nline3\n" and "oops" in r.stderr
+            assert "".join(d for s, d in chunks if s == "stdout") == r.stdout
+            await sb.write_file("/tmp/data.bin", bytes(range(256)) * 100)
+            assert await sb.read_file("/tmp/data.bin") == bytes(range(256)) * 100
+            await sb.python("import sys\ncounter = 41")
+            assert (await sb.python("counter + 1")).value == "42"
+            version = (await sb.python("sys.version_info[:2]")).value
+            assert version == "(3, 11)"
+            # We are inside the container, not on the host.
+            r = await sb.exec(["cat", "/etc/os-release"])
+            assert "bookworm" in r.stdout
+        labels = engine.containers.get(endpoint.meta["container_id"]).labels
+        assert labels[LABEL] == "1" and labels[f"{LABEL}.sandbox_id"] == endpoint.sandbox_id
+        assert labels[f"{LABEL}.owner"] == provider.owner
+        assert labels[f"{LABEL}.session"] == provider.session_id
+        assert {f"{LABEL}.pid", f"{LABEL}.created"} <= set(labels)
+        assert endpoint.sandbox_id in await provider.live_sandboxes()
+    assert endpoint.sandbox_id not in await provider.live_sandboxes()
+
+
+async def test_cpu_memory_pids_applied(provider, engine):
+    async with provider.sandbox(config_from_flat(cpu=0.5, memory_mb=256)) as endpoint:
+        info = engine.api.inspect_container(endpoint.meta["container_id"])
+        host = info["HostConfig"]
+        assert host["NanoCpus"] == 500_000_000
+        assert host["Memory"] == 256 * 1024 * 1024 and host["MemorySwap"] == 256 * 1024 * 1024
+        assert host["PidsLimit"] == 4096 and host["Init"] is True and host["AutoRemove"]
+        binding = info["NetworkSettings"]["Ports"]["7000/tcp"][0]
+        assert binding["HostIp"] == "127.0.0.1"
+        assert int(binding["HostPort"]) == endpoint.meta["host_port"]
+        async with await connect(endpoint) as sb:
+            script = (
+                "cat /sys/fs/cgroup/memory.max 2>/dev/null "
+                "|| cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+                "cat /sys/fs/cgroup/cpu.max 2>/dev/null "
+                "|| echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) "
+                "$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+            )
+            memory, cpu = (await sb.exec(script)).stdout.split("\n", 1)
+            assert int(memory) == 256 * 1024 * 1024
+            quota, period = cpu.split()
+            assert int(quota) / int(period) == 0.5
+            # The memory cap is enforced: allocating past it kills the allocating process.
+            r = await sb.exec(["python3", "-c", "b = bytearray(400 * 1024 * 1024); print('no')"])
+            assert r.exit_code != 0 and "no" not in r.stdout
+            assert (await sb.exec("echo still alive")).stdout == "still alive\n"
+
+
+async def test_gpu_type_rejected_before_any_container(provider, engine):
+    before = engine.containers.list(all=True)
+    for spec in ("H100", "A10G:2"):
+        with pytest.raises(UnsupportedFieldError) as info:
+            provider.sandbox(config_from_flat(gpu=spec))
+        message = str(info.value)
+        assert "docker" in message and "resources.gpu.type" in message
+        assert spec.split(":")[0] in message and "count" in message
+    with pytest.raises(UnsupportedFieldError, match="resources.gpu.type"):
+        async with sandboxnb.launch("docker", gpu="T4"):
+            pass
+    assert engine.containers.list(all=True) == before
+    # A count alone is accepted (it needs an NVIDIA runtime only when a sandbox starts).
+    assert provider.check(config_from_flat(gpu="2")).resources.gpu.count == 1
+    assert provider.check(config_from_flat(gpu="any:2")).resources.gpu.count == 2
+
+
+async def test_unsupported_fields_and_options_rejected(provider, engine):
+    before = engine.containers.list(all=True)
+    with pytest.raises(UnsupportedFieldError, match=r"docker does not support resources.disk_mb"):
+        provider.sandbox(config_from_flat(disk_mb=1024))
+    with pytest.raises(ConfigError, match="network = 'none'"):
+        DockerProvider(network="none")
+    assert engine.containers.list(all=True) == before
+
+
+async def test_teardown_on_error_leaves_nothing(provider, engine):
+    before = ours(engine)
+    with pytest.raises(RuntimeError, match="boom"):
+        async with provider.sandbox(config_from_flat()) as endpoint:
+            assert ours(engine) - before
+            raise RuntimeError("boom")
+    assert ours(engine) == before
+    assert endpoint.sandbox_id not in await provider.live_sandboxes()
+
+
+async def test_teardown_on_cancel_while_in_use(provider, engine):
+    before = ours(engine)
+    entered = asyncio.Event()
+
+    async def use():
+        async with provider.sandbox(config_from_flat()) as endpoint:
+            async with await connect(endpoint) as sb:
+                entered.set()
+                await sb.exec("sleep 60")
+
+    task = asyncio.create_task(use())
+    await asyncio.wait_for(entered.wait(), 30)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ours(engine) == before
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05, 0.15, 0.3, 0.6])
+async def test_cancel_during_acquire_leaks_nothing(provider, engine, delay):
+    before = ours(engine)
+
+    async def acquire():
+        async with provider.sandbox(config_from_flat()):
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(acquire())
+    await asyncio.sleep(delay)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ours(engine) == before
+
+
+async def test_image_without_python_gives_clear_error(provider, engine):
+    before = ours(engine)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="has no python3") as info:
+        async with provider.sandbox(config_from_flat(image=BUSYBOX_IMAGE)):
+            pass
+    assert BUSYBOX_IMAGE in str(info.value)
+    assert time.monotonic() - started < 20
+    assert ours(engine) == before
+
+
+async def test_server_dying_reports_its_output(provider, engine):
+    before = ours(engine)
+    prov = DockerProvider(env={"PYTHONPATH": "/nonexistent"}, init=False)
+    # python3 -I ignores env; a bad --startup-timeout makes the real server exit at once.
+    config = config_from_flat(startup_timeout_s=30)
+    kwargs_hook = prov._create_kwargs
+
+    def broken(*args, **kwargs):
+        made = kwargs_hook(*args, **kwargs)
+        made["command"] = [*made["command"], "--no-such-flag"]
+        return made
+
+    prov._create_kwargs = broken
+    try:
+        with pytest.raises(ProviderError, match="exited before it was ready") as info:
+            async with prov.sandbox(config):
+                pass
+        assert "no-such-flag" in str(info.value)
+    finally:
+        await prov.aclose()
+    assert ours(engine) == before
+
+
+async def test_missing_image_without_pull(engine):
+    prov = DockerProvider(pull=False)
+    try:
+        with pytest.raises(ProviderError, match="not on the engine") as info:
+            async with prov.sandbox(config_from_flat(image="sandboxnb/does-not-exist:1")):
+                pass
+        assert "setup-docker" in str(info.value)
+    finally:
+        await prov.aclose()
+
+
+async def test_run_timeout_kills_container(provider, engine):
+    before = ours(engine)
+    async with provider.sandbox(config_from_flat(run_timeout_s=1.5)) as endpoint:
+        async with await connect(endpoint) as sb:
+            with pytest.raises(SandboxError):
+                await sb.exec("sleep 30", timeout=20)
+        deadline = time.monotonic() + 10
+        while endpoint.meta["container_id"] in ours(engine) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert endpoint.meta["container_id"] not in ours(engine)
+    assert ours(engine) == before
+
+
+async def test_idle_dead_man_switch_removes_container(provider, engine):
+    async with provider.sandbox(config_from_flat(idle_timeout_s=1)) as endpoint:
+        sb = await connect(endpoint)
+        assert (await sb.exec("echo hi")).ok
+        await sb.close()
+        deadline = time.monotonic() + 15
+        while endpoint.meta["container_id"] in ours(engine) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert endpoint.meta["container_id"] not in ours(engine)
+
+
+async def test_concurrent_sandboxes_do_not_block_the_loop(provider, engine):
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker():
+        while not stop.is_set():
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - started - 0.01)
+
+    async def one(i: int) -> str:
+        async with sandboxnb.launch(provider, cpu=0.5) as sb:
+            return (await sb.exec(f"echo {i}")).stdout
+
+    tick = asyncio.create_task(ticker())
+    outputs = await asyncio.gather(*(one(i) for i in range(6)))
+    stop.set()
+    await tick
+    assert outputs == [f"{i}\n" for i in range(6)]
+    assert max(lags) < 0.25, f"event loop stalled {max(lags):.3f}s"
+
+
+async def test_reap_removes_this_sessions_containers(provider, engine):
+    async with provider.sandbox(config_from_flat()) as endpoint:
+        assert await provider.reap(session_only=True) == [endpoint.sandbox_id]
+        assert endpoint.sandbox_id not in await provider.live_sandboxes()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_humaneval_all_164_oracle_on_docker(engine, tmp_path):
+    before = ours(engine)
+    provider = DockerProvider()
+    try:
+        run = await sandboxnb.run(
+            "humaneval", "oracle", runtime=provider, max_concurrent=8,
+            journal=tmp_path / "journal.jsonl", progress=False,
+        )
+    finally:
+        await provider.aclose()
+    assert run.total == 164 and len(run.rows) == 164
+    assert run.counts() == {"ok": 164}, [r["error"] for r in run.rows if r["status"] != "ok"][:3]
+    assert run.mean_reward() == 1.0
+    assert {r["provider"] for r in run.rows} == {"docker"}
+    assert len({r["sandbox_id"] for r in run.rows}) == 164
+    assert ours(engine) == before

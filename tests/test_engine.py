@@ -1,0 +1,251 @@
+"""The engine end to end on the local provider: runs, rows, journal, failures, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import sandboxnb
+from sandboxnb.agents import AgentError
+from sandboxnb.config import ConfigError, UnsupportedFieldError
+from sandboxnb.tasks import TaskError, Taskset
+
+from .conftest import sandbox_server_pids
+
+
+async def echo_agent(sandbox, task):
+    result = await sandbox.exec(["sh", "-c", f"printf %s {task.prompt}"])
+    return result.stdout
+
+
+async def failing_agent(sandbox, task):
+    if task.id == "b":
+        raise RuntimeError("agent blew up")
+    return task.prompt
+
+
+async def sleepy_agent(sandbox, task):
+    await sandbox.exec(["sleep", "30"])
+    return "late"
+
+
+TASKS = [
+    {"id": "a", "prompt": "42", "grader": {"type": "match", "expected": "42"}},
+    {"id": "b", "prompt": "7", "grader": {"type": "match", "expected": "8"}},
+    {
+        "id": "c",
+        "prompt": "hello",
+        "files": {"data/input.txt": "hello"},
+        "setup": ["test -f data/input.txt"],
+        "grader": {"type": "exec", "command": 'test "$(cat $SANDBOXNB_ANSWER_FILE)" = hello'},
+    },
+    {
+        "id": "d",
+        "prompt": "3",
+        "runtime": {"resources": {"memory_mb": 4096}},
+        "grader": {
+            "type": "python",
+            "code": "import json,os\nv=int(open(os.environ['SANDBOXNB_ANSWER_FILE']).read())\n"
+            "print(json.dumps({'reward': v / 4, 'seen': v}))",
+        },
+    },
+]
+
+
+async def test_json_taskset_graders_overrides_and_frame(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    run = await sandboxnb.run(
+        str(path),
+        echo_agent,
+        "local",
+        config={"resources": {"memory_mb": 2048}},
+        max_concurrent=2,
+        progress=False,
+    )
+    assert run.status == "done"
+    frame = run.to_pandas().set_index("task_id")
+    assert frame.loc[["a", "b", "c", "d"], "reward"].tolist() == [1.0, 0.0, 1.0, 0.75]
+    assert frame.loc["d", "memory_mb"] == 4096  # per-task override
+    assert frame.loc["a", "memory_mb"] == 2048  # run config
+    assert (frame["status"] == "ok").all()
+    assert len(set(frame["sandbox_id"])) == 4  # a fresh sandbox per rollout
+    for col in ("acquire_s", "rollout_s", "release_s", "duration_s"):
+        assert (frame[col] > 0).all()
+    assert isinstance(frame["status"].dtype, pd.CategoricalDtype)
+    assert str(frame["started_at"].dt.tz) == "UTC"
+    assert frame.loc["d", "info"] == {"seen": 3}
+
+
+async def test_failing_rollout_becomes_a_row_and_the_run_goes_on(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    run = await sandboxnb.run(
+        TASKS[:2], failing_agent, max_concurrent=1, journal=journal, progress=False
+    )
+    rows = {r["task_id"]: r for r in run.rows}
+    assert rows["a"]["status"] == "ok" and rows["a"]["reward"] == 1.0
+    assert rows["b"]["status"] == "error"
+    assert "agent blew up" in rows["b"]["error"] and math.isnan(rows["b"]["reward"])
+    loaded = sandboxnb.load(journal)
+    assert sorted(r["task_id"] for r in loaded.rows) == ["a", "b"]
+    assert loaded.to_pandas()["reward"].isna().sum() == 1
+
+
+async def test_timeout_status():
+    run = await sandboxnb.run(TASKS[:1], sleepy_agent, timeout_s=0.5, progress=False)
+    (row,) = run.rows
+    assert row["status"] == "timeout" and "timeout_s=0.5" in row["error"]
+    assert row["duration_s"] < 10
+
+
+async def test_cancelling_a_run_releases_every_sandbox(tmp_path):
+    tasks = [
+        {"id": f"t{i}", "prompt": "x", "grader": {"type": "match", "expected": "x"}}
+        for i in range(12)
+    ]
+    before = sandbox_server_pids()
+    run = sandboxnb.start(tasks, sleepy_agent, max_concurrent=4, journal=tmp_path / "j.jsonl")
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if len(sandbox_server_pids() - before) >= 4:
+            break
+    assert len(sandbox_server_pids() - before) >= 4  # four sandboxes really running
+    run.cancel()
+    await asyncio.gather(run._task, return_exceptions=True)
+    assert run.status == "cancelled"
+    assert not (sandbox_server_pids() - before)  # nothing left, checked right away
+    assert run.counts() == {"cancelled": 4}
+    assert len(sandboxnb.load(tmp_path / "j.jsonl").rows) == 4
+
+
+async def test_awaited_run_cancelled_from_outside_releases_sandboxes():
+    tasks = [
+        {"id": f"t{i}", "prompt": "x", "grader": {"type": "match", "expected": "x"}}
+        for i in range(4)
+    ]
+    before = sandbox_server_pids()
+    waiter = asyncio.ensure_future(sandboxnb.run(tasks, sleepy_agent, progress=False))
+    await asyncio.sleep(1.0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not (sandbox_server_pids() - before)
+
+
+async def test_resume_skips_finished_rollouts(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    await sandboxnb.run(TASKS[:1], echo_agent, journal=journal, progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        await sandboxnb.run(TASKS[:2], echo_agent, journal=journal, progress=False)
+    resumed = await sandboxnb.run(
+        TASKS[:2], echo_agent, journal=journal, resume=True, progress=False
+    )
+    assert resumed.total == 2 and len(resumed.rows) == 2
+    assert [r["task_id"] for r in sandboxnb.load(journal).rows] == ["a", "b"]
+
+
+def test_torn_last_journal_line_is_skipped(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    journal.write_text(
+        json.dumps({"task_id": "a", "repeat": 0, "status": "ok", "reward": 1.0})
+        + "\n"
+        + '{"task_id": "b", "rep'
+    )
+    assert [r["task_id"] for r in sandboxnb.load(journal).rows] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"runtime": "nowhere"}, ValueError, r"runtime = 'nowhere' is not a known provider"),
+        ({"agent": "nonsense"}, AgentError, r"expected 'oracle', 'samples:PATH'"),
+        ({"agent": "json:nope"}, AgentError, r"module 'json' has no 'nope'"),
+        ({"agent": "samples:/no/such.jsonl"}, AgentError, r"cannot be read"),
+        ({"taskset": "tasks.txt"}, TaskError, r"expected 'humaneval' or a path ending in .json"),
+        ({"taskset": [{"id": "x", "grader": {"type": "regex"}}]}, Exception, "regex"),
+        ({"taskset": [{"id": "x"}, {"id": "x"}]}, TaskError, "duplicate task id"),
+        ({"max_concurrent": 0}, ValueError, r"max_concurrent = 0: expected an integer >= 1"),
+        ({"repeats": -1}, ValueError, r"repeats = -1"),
+        ({"timeout_s": 0}, ValueError, r"timeout_s = 0"),
+        (
+            {"config": {"resources": {"gpu": "H100"}}},
+            UnsupportedFieldError,
+            r"local does not support resources.gpu",
+        ),
+        ({"config": {"resources": {"cpu": -1}}}, ConfigError, r"resources.cpu = -1"),
+        (
+            {"taskset": [{"id": "x", "runtime": {"resources": {"memory_mb": 0}}}]},
+            TaskError,
+            r"resources.memory_mb = 0",
+        ),
+    ],
+)
+async def test_bad_input_is_rejected_before_any_sandbox_starts(kwargs, error, match):
+    args = {"taskset": TASKS[:1], "agent": echo_agent, "runtime": "local"} | kwargs
+    before = sandbox_server_pids()
+    with pytest.raises(error, match=match):
+        await sandboxnb.run(args.pop("taskset"), args.pop("agent"), **args, progress=False)
+    assert not (sandbox_server_pids() - before)
+
+
+def test_sync_agent_is_refused():
+    def agent(sandbox, task):
+        return "x"
+
+    with pytest.raises(AgentError, match="must be an async function"):
+        sandboxnb.start(TASKS[:1], agent)
+
+
+async def test_oracle_humaneval_subset_scores_full_reward():
+    tasks = Taskset.load("humaneval").select("HumanEval/1?")
+    run = await sandboxnb.run(tasks, "oracle", max_concurrent=4, repeats=2, progress=False)
+    frame = run.to_pandas()
+    assert len(frame) == 20 and (frame["reward"] == 1.0).all()
+    assert sorted(frame["repeat"].unique()) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "humaneval"], "--agent"),
+        (["run", "humaneval", "--agent", "oracle", "--runtime", "nowhere"], "not a known provider"),
+        (["run", "humaneval", "--agent", "oracle", "--cpu", "-2"], "resources.cpu = -2.0"),
+        (
+            ["run", "humaneval", "--agent", "oracle", "--gpu", "H100"],
+            "local does not support resources.gpu",
+        ),
+        (["run", "humaneval", "--agent", "oracle", "--output", "out.xlsx"], "use .jsonl, .csv"),
+        (["run", "humaneval", "--agent", "oracle", "--tasks", "Nope/*"], "matches no task id"),
+        (["run", "humaneval", "--agent", "oracle", "--max-concurrent", "0"], "max_concurrent = 0"),
+        (["run", "missing.jsonl", "--agent", "oracle"], "cannot be read"),
+    ],
+)
+def test_cli_usage_errors_exit_nonzero_with_a_clear_message(argv, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandboxnb", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_cli_providers_lists_all_four():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandboxnb", "providers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for name in ("local", "docker", "modal", "daytona"):
+        assert name in proc.stdout
+    assert "resources.memory_mb" in proc.stdout

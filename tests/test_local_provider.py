@@ -1,0 +1,196 @@
+"""The local provider: real server processes, teardown on every path, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from sandboxnb.client import connect
+from sandboxnb.config import RuntimeConfig, UnsupportedFieldError, config_from_flat
+from sandboxnb.errors import ConnectionLost
+from sandboxnb.providers import get_provider
+from sandboxnb.providers.base import ProviderError
+from sandboxnb.providers.local import LocalProvider
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def provider(tmp_path):
+    return LocalProvider(root=tmp_path)
+
+
+def _gone(endpoint, tmp_path) -> bool:
+    return not _alive(endpoint.meta["pid"]) and not any(tmp_path.iterdir())
+
+
+async def test_success_path_cleans_up(provider, tmp_path):
+    assert get_provider("local").name == "local"
+    async with provider.sandbox() as ep:
+        assert ep.url.startswith("tcp://127.0.0.1:") and ep.provider == "local"
+        assert ep.token and ep.token not in repr(ep)
+        async with await connect(ep) as sb:
+            assert sb.id == ep.sandbox_id and sb.provider == "local"
+            r = await sb.exec("pwd; echo $SANDBOXNB_TOKEN")
+            assert r.stdout == f"{ep.meta['workdir']}\n\n"
+            assert (await sb.python("1 + 1")).value == "2"
+        assert await provider.live_sandboxes() == [ep.sandbox_id]
+    assert _gone(ep, tmp_path)
+    assert await provider.live_sandboxes() == []
+
+
+async def test_error_path_cleans_up_children_too(provider, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        async with provider.sandbox() as ep:
+            sb = await connect(ep)
+            await sb.exec("sleep 300 > /dev/null 2>&1 &")
+            await sb.python("import os\npid = os.getpid()")
+            worker = int((await sb.python("pid")).value)
+            raise RuntimeError("boom")
+    assert _gone(ep, tmp_path)
+    await asyncio.sleep(0.1)
+    assert not _alive(worker)
+    await sb.close()
+
+
+async def test_cancel_path_cleans_up(provider, tmp_path):
+    entered = asyncio.Event()
+    seen = {}
+
+    async def rollout():
+        async with provider.sandbox() as ep:
+            seen["ep"] = ep
+            async with await connect(ep) as sb:
+                entered.set()
+                await sb.exec("sleep 300")
+
+    task = asyncio.ensure_future(rollout())
+    await entered.wait()
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _gone(seen["ep"], tmp_path)
+
+
+async def test_cancel_during_startup_cleans_up(provider, tmp_path):
+    task = asyncio.ensure_future(provider.sandbox().__aenter__())
+    await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flat", [
+    {"image": "python:3.11"}, {"gpu": "A10G"}, {"disk_mb": 1024},
+])
+async def test_unsupported_fields_rejected_before_start(provider, tmp_path, flat):
+    with pytest.raises(UnsupportedFieldError) as info:
+        provider.sandbox(config_from_flat(**flat))
+    assert "local does not support" in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_isolation_is_rejected():
+    with pytest.raises(ValueError, match="isolation = 'vm'"):
+        LocalProvider(isolation="vm")
+
+
+async def test_memory_limit_enforced(provider):
+    async with provider.sandbox(config_from_flat(memory_mb=200)) as ep:
+        async with await connect(ep) as sb:
+            big = await sb.exec(["python3", "-c", "b = bytearray(400 * 1024 * 1024)"])
+            assert big.exit_code != 0 and "MemoryError" in big.stderr
+            small = await sb.exec(["python3", "-c", "b = bytearray(20 * 1024 * 1024)"])
+            assert small.ok
+            with pytest.raises(Exception, match="MemoryError"):
+                await sb.python("b = bytearray(400 * 1024 * 1024)")
+
+
+async def test_cpu_quota_when_supported(provider):
+    if "resources.cpu" not in provider.supported:
+        with pytest.raises(UnsupportedFieldError):
+            provider.sandbox(config_from_flat(cpu=0.5))
+        return
+    async with provider.sandbox(config_from_flat(cpu=0.5)) as ep:
+        async with await connect(ep) as sb:
+            group = (await sb.exec("grep ':cpu:' /proc/self/cgroup")).stdout.strip()
+            assert group.endswith(f"/sandboxnb/{ep.sandbox_id}")
+            quota = Path(f"/sys/fs/cgroup/cpu/sandboxnb/{ep.sandbox_id}/cpu.cfs_quota_us")
+            assert quota.read_text().strip() == "50000"  # noqa: ASYNC240
+    assert not quota.parent.exists()
+
+
+async def test_run_timeout_kills_the_sandbox(provider, tmp_path):
+    async with provider.sandbox(RuntimeConfig().merge({"limits": {"run_timeout_s": 0.5}})) as ep:
+        sb = await connect(ep, heartbeat_s=0.2)
+        with pytest.raises(ConnectionLost):
+            await sb.exec("echo $$ > pid; exec sleep 30")
+        child = int(Path(ep.meta["workdir"], "pid").read_text())  # noqa: ASYNC240
+        assert not _alive(ep.meta["pid"])
+        await asyncio.sleep(0.2)
+        assert not _alive(child)
+        await sb.close()
+    assert not any(tmp_path.iterdir())
+
+
+async def test_startup_failure_reports_and_cleans_up(tmp_path):
+    bad = LocalProvider(root=tmp_path, python="/bin/false")
+    with pytest.raises(ProviderError, match="exited before it was ready"):
+        async with bad.sandbox():
+            pass
+    assert not any(tmp_path.iterdir())
+
+
+async def test_startup_timeout(tmp_path):
+    slow = tmp_path / "slowpython"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    root = tmp_path / "root"
+    root.mkdir()
+    provider = LocalProvider(root=root, python=str(slow))
+    config = RuntimeConfig().merge({"limits": {"startup_timeout_s": 0.3}})
+    with pytest.raises(ProviderError, match="startup_timeout_s"):
+        async with provider.sandbox(config):
+            pass
+    assert not any(root.iterdir())
+
+
+async def test_namespaces_isolation(tmp_path):
+    try:
+        provider = LocalProvider(isolation="namespaces", root=tmp_path)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    async with provider.sandbox() as ep:
+        assert ep.url.startswith("unix://")
+        async with await connect(ep) as sb:
+            r = await sb.exec("echo $$; ls /proc | grep -c '^[0-9]'")
+            assert r.ok
+            pid_inside = int(r.stdout.split()[0])
+            assert pid_inside < 20  # a private pid namespace
+            net = await sb.exec(["python3", "-c",
+                                 "import socket; socket.create_connection(('1.1.1.1', 80), 1)"])
+            assert net.exit_code != 0  # no network
+    assert not _alive(ep.meta["pid"]) and not any(tmp_path.iterdir())
+
+
+async def test_concurrent_sandboxes(provider, tmp_path):
+    async def one(i: int) -> str:
+        async with provider.sandbox() as ep:
+            async with await connect(ep) as sb:
+                return (await sb.exec(f"echo {i}")).stdout
+
+    outs = await asyncio.gather(*(one(i) for i in range(6)))
+    assert outs == [f"{i}\n" for i in range(6)]
+    assert not any(tmp_path.iterdir())
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,248 @@
+"""The %sandbox / %%sandbox magics in an in-process IPython shell, against real local sandboxes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from sandboxnb.notebook.magics import RemoteCellError, RemoteValue
+from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable
+from sandboxnb.notebook.state import SandboxHandle, manager
+from tests.conftest import _alive, sandbox_server_pids
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def own_servers() -> set[int]:
+    """Live sandbox servers descending from this process (other work on the machine ignored)."""
+    me, found = os.getpid(), set()
+    for pid in _alive(sandbox_server_pids()):
+        cur = pid
+        for _ in range(10):
+            cur = _ppid(cur)
+            if cur in (me, 0, 1):
+                break
+        if cur == me:
+            found.add(pid)
+    return found
+
+
+@pytest.fixture
+def ip():
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "sandboxnb")
+    try:
+        yield shell
+    finally:
+        shell.run_line_magic("unload_ext", "sandboxnb")
+        shell.config.pop("SandboxMagics", None)
+
+
+def _procs_with(text: str) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if text.encode() in fh.read().replace(b"\0", b" "):
+                        found.add(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_launch_ls_stop(ip):
+    ip.run_line_magic("sandbox", "launch local --name box --cpu 1 --memory-mb 256")
+    handle = ip.user_ns["box"]
+    assert isinstance(handle, SandboxHandle) and handle.state == "running"
+    table = ip.run_line_magic("sandbox", "ls")
+    assert isinstance(table, SandboxTable)
+    (row,) = table.rows
+    assert row["name"] == "box" and row["provider"] == "local" and row["state"] == "running"
+    assert row["id"] == handle.id and "cpu=1.0" in row["config"] and "memory_mb=256" in row["config"]
+    assert "box" in repr(table) and "<table" in table._repr_html_()
+    # top-level await on the handle works from the shell's own loop
+    result = ip.run_cell("r = await box.exec('echo hi')")
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["r"].stdout == "hi\n"
+    ip.run_line_magic("sandbox", "stop box")
+    assert "box" not in ip.user_ns
+    assert ip.run_line_magic("sandbox", "ls").rows == []
+
+
+def test_stop_all_and_default_names(ip):
+    ip.run_line_magic("sandbox", "launch")
+    ip.run_line_magic("sandbox", "launch local")
+    assert {"sb1", "sb2"} <= set(ip.user_ns)
+    assert len(ip.run_line_magic("sandbox", "ls")) == 2
+    ip.run_line_magic("sandbox", "stop --all")
+    assert manager().records() == []
+    assert "sb1" not in ip.user_ns and "sb2" not in ip.user_ns
+
+
+def test_config_defaults_apply(ip):
+    ip.run_line_magic("config", "SandboxMagics.default_cpu = 0.5")
+    ip.run_line_magic("sandbox", "launch --name cfg")
+    (row,) = ip.run_line_magic("sandbox", "ls").rows
+    assert "cpu=0.5" in row["config"]
+
+
+def test_providers_table(ip):
+    table = ip.run_line_magic("sandbox", "providers")
+    assert isinstance(table, ProvidersTable)
+    rows = {r["provider"]: r for r in table.rows}
+    assert {"local", "docker", "modal", "daytona"} <= set(rows)
+    assert rows["local"]["available"] is True
+    assert "resources.cpu" in rows["local"]["supports"] or "resources" in rows["local"]["supports"]
+    for row in rows.values():
+        assert row["available"] or row["reason"], row
+    assert "<table" in table._repr_html_()
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("", "needs a subcommand"),
+        ("bogus", "invalid choice"),
+        ("launch nosuch", "not a known provider"),
+        ("launch local --cpu -1", "resources.cpu"),
+        ("launch local --cpu abc", "invalid float value"),
+        ("launch local --memory-mb 0", "resources.memory_mb"),
+        ("launch local --gpu A10G:2", "local does not support resources.gpu"),
+        ("launch local --gpu ':x'", "GPU spec"),
+        ("launch local --name 1bad", "valid Python identifier"),
+        ("launch local --bogus 1", "unrecognized arguments"),
+        ("stop", "needs a sandbox NAME or --all"),
+        ("stop nosuch", "no running sandbox named 'nosuch'"),
+        ("stop x --all", "either a NAME or --all"),
+        ("run humaneval", "required: --agent"),
+        ("run nosuch.txt --agent oracle", "taskset"),
+        ("run humaneval --agent oracle --max-concurrent 0", "--max-concurrent"),
+        ("run humaneval --agent oracle --runtime nosuch", "not a known provider"),
+        ("run humaneval --agent nosuch:thing", "agent"),
+    ],
+)
+def test_line_usage_errors(ip, line, match):
+    with pytest.raises(UsageError, match=match):
+        ip.run_line_magic("sandbox", line)
+    assert manager().records() == []
+    assert own_servers() == set()
+
+
+def test_cell_usage_errors(ip):
+    with pytest.raises(UsageError, match="no running sandbox and no provider"):
+        ip.run_cell_magic("sandbox", "nosuch", "1")
+    with pytest.raises(UsageError, match="resources.cpu"):
+        ip.run_cell_magic("sandbox", "local --cpu 0", "1")
+    with pytest.raises(UsageError, match="expected a Python variable name"):
+        ip.run_cell_magic("sandbox", "local -o 1x", "1")
+    ip.run_line_magic("sandbox", "launch --name held")
+    with pytest.raises(UsageError, match="apply only to a fresh sandbox"):
+        ip.run_cell_magic("sandbox", "held --cpu 2", "1")
+    with pytest.raises(UsageError, match="already running"):
+        ip.run_line_magic("sandbox", "launch --name held")
+
+
+def test_cell_state_persists_and_streams(ip, capsys):
+    ip.run_line_magic("sandbox", "launch --name py")
+    assert ip.run_cell_magic("sandbox", "py", "x = 41\nprint('hello from the sandbox')") is None
+    assert "hello from the sandbox" in capsys.readouterr().out
+    value = ip.run_cell_magic("sandbox", "py -o res", "x + 1")
+    assert isinstance(value, RemoteValue) and repr(value) == "42"
+    assert ip.user_ns["res"].value == "42"
+    # through run_cell the value is displayed like a local one
+    result = ip.run_cell("%%sandbox py\n[x] * 2")
+    assert result.success and "[41, 41]" in capsys.readouterr().out
+
+
+def test_remote_exception_fails_the_cell(ip, capsys):
+    ip.run_line_magic("sandbox", "launch --name err")
+    result = ip.run_cell("%%sandbox err\ndef boom():\n    raise ValueError('bad value')\nboom()")
+    assert not result.success
+    assert isinstance(result.error_in_exec, RemoteCellError)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Remote traceback" in text and "ValueError: bad value" in text and "boom" in text
+    # the namespace survives the error
+    assert repr(ip.run_cell_magic("sandbox", "err", "boom.__name__")) == "'boom'"
+
+
+def test_bash_cells(ip, capsys):
+    ip.run_line_magic("sandbox", "launch --name sh")
+    ip.run_cell_magic("sandbox", "sh --bash -o r", "echo out; echo err >&2; pwd > /tmp/x_$$")
+    captured = capsys.readouterr()
+    assert "out" in captured.out and "err" in captured.err
+    assert ip.user_ns["r"].exit_code == 0 and ip.user_ns["r"].stdout == "out\n"
+    result = ip.run_cell("%%sandbox sh --bash\nexit 3")
+    assert not result.success and "exited with code 3" in str(result.error_in_exec)
+
+
+def test_one_shot_cells_leave_nothing(ip, capsys):
+    ip.run_cell_magic("sandbox", "local --bash --cpu 1", "echo one-shot")
+    assert "one-shot" in capsys.readouterr().out
+    assert repr(ip.run_cell_magic("sandbox", "", "6 * 7")) == "42"
+    deadline = time.monotonic() + 5
+    while own_servers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert own_servers() == set()
+    assert manager().records() == []
+
+
+def test_interrupt_cancels_remote_work(ip):
+    ip.run_line_magic("sandbox", "launch --name slow")
+    marker = f"sleep {1000 + os.getpid() % 1000}.5"
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 20
+        while not _procs_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic("sandbox", "slow --bash", marker)
+    assert time.monotonic() - began < 15
+    deadline = time.monotonic() + 5
+    while _procs_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _procs_with(marker), "the remote process survived the interrupt"
+    # the sandbox is still usable afterwards
+    assert repr(ip.run_cell_magic("sandbox", "slow", "1 + 1")) == "2"
+
+
+def test_run_humaneval_into_dataframe(ip):
+    ip.run_line_magic("sandbox", "run humaneval --agent oracle --limit 3 --max-concurrent 3 -o df")
+    df = ip.user_ns["df"]
+    assert len(df) == 3
+    assert set(df["status"]) == {"ok"} and df["reward"].tolist() == [1.0, 1.0, 1.0]
+    assert ip.user_ns["_sandbox_run"].status == "done"
+
+
+def test_unload_releases_every_sandbox():
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "sandboxnb")
+    shell.run_line_magic("sandbox", "launch --name a")
+    shell.run_line_magic("sandbox", "launch --name b")
+    assert len(own_servers()) >= 2
+    shell.run_line_magic("unload_ext", "sandboxnb")
+    deadline = time.monotonic() + 5
+    while own_servers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert own_servers() == set()
+    assert "a" not in shell.user_ns and "b" not in shell.user_ns
+    assert "sandbox" not in shell.magics_manager.magics["line"]
+    assert "sandbox" not in shell.magics_manager.magics["cell"]

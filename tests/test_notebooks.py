@@ -1,0 +1,154 @@
+"""Every notebook in notebooks/ runs top to bottom in a real ipykernel, and Kernel > Interrupt of a
+``%%sandbox`` cell ends it within seconds and leaves no remote process."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client import KernelManager
+from nbclient import NotebookClient
+
+from tests.conftest import _alive, sandbox_server_pids
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CREDENTIAL_VARS = ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_SERVER_URL", "MODAL_CONFIG_PATH",
+                   "DAYTONA_API_KEY", "DAYTONA_API_URL", "DAYTONA_TARGET")
+
+
+@pytest.fixture
+def no_account(monkeypatch, tmp_path):
+    """A kernel environment with no cloud credentials (the notebooks fall back to emulators)."""
+    for var in CREDENTIAL_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.modal.toml either
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    return tmp_path
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _own_servers() -> set[int]:
+    return _alive(sandbox_server_pids()) & _descendants(os.getpid())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom(path, no_account):
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(no_account)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    assert not _own_servers()
+    if path.stem == "quickstart":
+        text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                         for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert "step 2 in pid" in text and "hello from" in text and "(10, " in text
+        assert "40 rows -> df" in text
+        assert any("image/png" in o.get("data", {}) for c in nb.cells
+                   if c.cell_type == "code" for o in c.outputs)
+
+
+def _execute(kc, code: str, timeout: float = 120) -> dict:
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda msg: None)
+    return reply["content"]
+
+
+def _wait_for_processes(text: str, timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {pid for pid in _descendants(os.getpid()) if text in _cmdline(pid)}
+        if found:
+            return found
+        time.sleep(0.05)
+    return set()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _interrupt_and_time(km, kc, msg_id: str) -> tuple[float, dict]:
+    began = time.monotonic()
+    km.interrupt_kernel()
+    while True:
+        reply = kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return time.monotonic() - began, reply["content"]
+
+
+@pytest.mark.slow
+def test_interrupt_cancels_sandbox_cell(no_account):
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert _execute(kc, "%load_ext sandboxnb\n%sandbox launch local --name sb")["status"] == "ok"
+        kernel_pid = km.provisioner.pid
+        # 1) a one-shot Python cell: the whole sandbox must go away
+        servers_before = _alive(sandbox_server_pids()) & _descendants(kernel_pid)
+        msg_id = kc.execute("%%sandbox local\nimport time\ntime.sleep(1000)")
+        deadline = time.monotonic() + 30
+        while (_alive(sandbox_server_pids()) & _descendants(kernel_pid)) == servers_before:
+            assert time.monotonic() < deadline, "one-shot sandbox never started"
+            time.sleep(0.05)
+        time.sleep(1.0)  # let the cell reach time.sleep
+        took, content = _interrupt_and_time(km, kc, msg_id)
+        assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
+        assert took < 10, f"interrupt took {took:.1f}s"
+        deadline = time.monotonic() + 5
+        while (_alive(sandbox_server_pids()) & _descendants(kernel_pid)) != servers_before:
+            assert time.monotonic() < deadline, "the one-shot sandbox survived the interrupt"
+            time.sleep(0.05)
+        # 2) a Python cell in the interactive sandbox: the worker stops, the namespace survives
+        assert _execute(kc, "%%sandbox sb\nkept = 'yes'")["status"] == "ok"
+        msg_id = kc.execute("%%sandbox sb\nimport time\ntime.sleep(1000)")
+        time.sleep(1.5)
+        took, content = _interrupt_and_time(km, kc, msg_id)
+        assert content["status"] == "error" and took < 10
+        # 3) a shell cell: the remote process is killed
+        marker = "sleep 1000.25"
+        msg_id = kc.execute(f"%%sandbox sb --bash\n{marker}")
+        assert _wait_for_processes(marker), "remote sleep never started"
+        took, content = _interrupt_and_time(km, kc, msg_id)
+        assert content["status"] == "error" and took < 10
+        deadline = time.monotonic() + 5
+        while _wait_for_processes(marker, timeout=0.01):
+            assert time.monotonic() < deadline, "the remote process survived the interrupt"
+            time.sleep(0.05)
+        reply = kc.execute_interactive("%%sandbox sb\nkept", timeout=60,
+                                       output_hook=lambda msg: None)
+        assert reply["content"]["status"] == "ok"
+        assert _execute(kc, "%unload_ext sandboxnb")["status"] == "ok"
+        assert not (_alive(sandbox_server_pids()) & _descendants(kernel_pid))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert not _own_servers()

@@ -1,0 +1,108 @@
+"""Wire format: framing, validation, error codes, and the shipped bundle."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sandboxnb import protocol as P
+from sandboxnb.server import BUNDLE_NAME, bundle_bytes, bundle_path
+
+
+def test_roundtrip_is_one_ascii_line():
+    frame = P.encode(P.request(7, "exec", {"cmd": "echo 'ü'\nnext"}))
+    assert frame.endswith(b"\n") and frame.count(b"\n") == 1
+    frame.decode("ascii")
+    message = P.decode(frame)
+    assert message == {"jsonrpc": "2.0", "id": 7, "method": "exec",
+                       "params": {"cmd": "echo 'ü'\nnext"}}
+
+
+def test_responses_and_notifications():
+    assert P.decode(P.encode(P.response(1, {"ok": True})))["result"] == {"ok": True}
+    err = P.decode(P.encode(P.error_response(2, P.TIMEOUT, "late", {"x": 1})))["error"]
+    assert err == {"code": P.TIMEOUT, "message": "late", "data": {"x": 1}}
+    note = P.decode(P.encode(P.notification("output", {"id": 1, "stream": "stdout", "data": "x"})))
+    assert "id" not in note and note["method"] == "output"
+
+
+def test_encode_rejects_oversized_frames():
+    with pytest.raises(P.FrameError) as info:
+        P.encode(P.request(1, "write_file", {"data": "x" * 200}), max_bytes=100)
+    assert info.value.code == P.FRAME_TOO_LARGE and info.value.id == 1
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"{not json\n", P.PARSE_ERROR),
+        (b"\xff\xfe\n", P.PARSE_ERROR),
+        (b"[1, 2]\n", P.INVALID_REQUEST),
+        (b'{"id": 1, "method": "ping"}\n', P.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": [1], "method": "ping"}\n', P.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": 5}\n', P.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": [1]}\n', P.INVALID_PARAMS),
+        (b'{"jsonrpc": "2.0", "id": 1}\n', P.INVALID_REQUEST),
+        (b"x" * 50 + b"\n", P.FRAME_TOO_LARGE),
+    ],
+)
+def test_decode_rejects_bad_frames(frame, code):
+    with pytest.raises(P.FrameError) as info:
+        P.decode(frame, max_bytes=40 if code == P.FRAME_TOO_LARGE else P.MAX_FRAME_BYTES)
+    assert info.value.code == code
+
+
+def test_error_codes_are_distinct_and_named():
+    codes = [getattr(P, name) for name in P.__all__ if name.isupper() and name not in (
+        "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_FILE_BYTES", "METHODS")]
+    assert len(codes) == len(set(codes))
+    assert all(P.error_name(code) != f"error {code}" for code in codes)
+    assert P.PROTOCOL_VERSION == 1 and P.MAX_FRAME_BYTES == 32 * 1024 * 1024
+
+
+def test_bundle_is_deterministic_and_self_contained():
+    data = bundle_bytes()
+    names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
+    assert {"__main__.py", "sandboxnb/__init__.py", "sandboxnb/protocol.py",
+            "sandboxnb/server.py"} <= names
+    path = bundle_path()
+    assert "sandboxnb.server" in path.name and path.read_bytes() == data
+    assert BUNDLE_NAME.startswith("sandboxnb.server")
+
+
+def _oldest_python() -> str | None:
+    for candidate in (Path.home() / ".pyenv/versions").glob("3.9*/bin/python3.9"):
+        return str(candidate)
+    return None
+
+
+@pytest.mark.parametrize("python", [sys.executable, "oldest"])
+def test_bundle_runs_without_sandboxnb_installed(python, tmp_path):
+    """The zipapp starts under a bare interpreter (-I: no site-packages, no cwd on sys.path)."""
+    if python == "oldest":
+        python = _oldest_python()
+        if python is None:
+            pytest.skip("no Python 3.9 interpreter here")
+    env = {"SANDBOXNB_TOKEN": "t", "PATH": os.environ["PATH"]}
+    proc = subprocess.Popen(
+        [python, "-I", str(bundle_path()), "--startup-timeout", "0.3", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        line = proc.stdout.readline().decode()
+        assert line.startswith("SANDBOXNB_READY ")
+        ready = json.loads(line.split(" ", 1)[1])
+        assert ready["protocol"] == 1 and ready["pid"] == proc.pid and ready["port"] > 0
+        assert proc.wait(10) == 0  # dead-man switch: nobody connected
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -1,0 +1,183 @@
+"""Launcher and monitor widgets driven without a browser: set traits, click buttons, and watch
+real local sandboxes start and stop."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import sandboxnb.notebook as nb
+from sandboxnb.notebook import loop, state
+from sandboxnb.notebook.controllers import LauncherController
+from sandboxnb.notebook.widgets import Launcher, Monitor
+from sandboxnb.tasks import Taskset
+from sandboxnb.tasksets import humaneval
+from tests.conftest import _alive, sandbox_server_pids
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def own_servers() -> set[int]:
+    """Live sandbox servers descending from this process (other work on the machine ignored)."""
+    me, found = os.getpid(), set()
+    for pid in _alive(sandbox_server_pids()):
+        cur = pid
+        for _ in range(10):
+            cur = _ppid(cur)
+            if cur in (me, 0, 1):
+                break
+        if cur == me:
+            found.add(pid)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _release():
+    yield
+    nb._release_all()
+
+
+def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _rows(ui: Launcher):
+    return [c for c in ui.table.children if "sandboxnb-row" in c._dom_classes]
+
+
+def _row_text(row) -> list[str]:
+    return [getattr(c, "value", "") for c in row.children[:-1]]
+
+
+def test_provider_dropdown_marks_unavailable_ones():
+    ui = nb.launcher(provider="local")
+    labels = dict((value, label) for label, value in ui.provider.options)
+    assert labels["local"] == "local"
+    info = {r["provider"]: r for r in ui.controller.providers}
+    for name, row in info.items():
+        if not row["available"]:
+            assert labels[name].endswith("(unavailable)")
+            ui.provider.value = name
+            assert ui.launch_button.disabled
+            assert row["reason"][:20] in ui.errors["provider"].value
+    ui.provider.value = "local"
+    assert not ui.launch_button.disabled
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("cpu", -1.0, "resources.cpu"),
+        ("memory_mb", 0, "resources.memory_mb"),
+        ("gpu_type", "A10G", "local does not support resources.gpu"),
+        ("gpu_count", 0, "GPU count"),
+        ("timeout", -5.0, "limits.run_timeout_s"),
+    ],
+)
+def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
+    ui = nb.launcher(provider="local")
+    if field == "gpu_count":
+        ui.gpu_type.value = "A10G"
+    getattr(ui, field).value = value
+    ui.launch_button.click()
+    assert message in ui.errors[field].value
+    assert "nothing was started" in ui.status.value
+    assert state.manager().records() == [] and _rows(ui) == []
+    time.sleep(0.2)
+    assert own_servers() == set()
+    # fixing the field clears the message on the next click (and launches)
+    setattr(getattr(ui, field), "value", {"cpu": 1.0, "memory_mb": 256, "gpu_type": "",
+                                          "gpu_count": 1, "timeout": 0.0}[field])
+    if field == "gpu_count":
+        ui.gpu_type.value = ""
+    ui.launch_button.click()
+    assert ui.errors[field].value == ""
+    _wait(lambda: [r.state for r in state.manager().records()] == ["running"], what="launch")
+
+
+def test_launch_and_stop_buttons_drive_real_sandboxes():
+    ui = nb.launcher(provider="local")
+    ui.memory_mb.value = 256
+    ui.launch_button.click()
+    ui.launch_button.click()
+    _wait(lambda: len(_rows(ui)) == 2 and all("running" in _row_text(r) for r in _rows(ui)),
+          what="two running rows")
+    assert len(own_servers()) == 2
+    records = state.manager().records()
+    assert {r.name for r in records} == {"sb1", "sb2"}
+    first = _rows(ui)[0]
+    assert "sb1" in first.children[0].value and records[0].id in _row_text(first)
+    assert "memory_mb=256" in " ".join(_row_text(first))
+    assert "is running" in ui.status.value
+    # Stop the first row
+    first.children[-1].click()
+    _wait(lambda: len(_rows(ui)) == 1, what="row removed")
+    assert "sb2" in _rows(ui)[0].children[0].value
+    _wait(lambda: len(own_servers()) == 1, what="server exit")
+    _rows(ui)[0].children[-1].click()
+    _wait(lambda: _rows(ui) == [], what="table empty")
+    _wait(lambda: not own_servers(), what="all servers gone")
+
+
+def test_launcher_and_magics_share_sandboxes():
+    ui = Launcher(LauncherController())
+    other = Launcher(LauncherController())
+    ui.launch_button.click()
+    _wait(lambda: len(_rows(other)) == 1, what="second view updated")
+    state.manager().stop_all()
+    _wait(lambda: _rows(ui) == [] and _rows(other) == [], what="both views cleared")
+
+
+def _start_run(n: int, max_concurrent: int):
+    import sandboxnb.scheduler as sched
+
+    tasks = Taskset(list(humaneval.load())[:n], name=f"humaneval-{n}")
+    runner = loop.LoopThread("test-run-loop")
+
+    async def begin():
+        return sched.start(tasks, "oracle", "local", max_concurrent=max_concurrent)
+
+    return runner, runner.submit(begin()).result(30)
+
+
+def test_monitor_follows_a_run():
+    runner, run = _start_run(6, 3)
+    try:
+        mon = nb.monitor(run)
+        assert isinstance(mon, Monitor)
+        _wait(lambda: run.done, timeout=120, what="run end")
+        _wait(lambda: mon.cancel_button.disabled, what="monitor sees the end")
+        assert mon.progress.value == mon.progress.max == 6
+        assert "ok: <b>6</b>" in mon.counts.value
+        assert "1.000" in mon.mean.value
+        assert mon.histogram.value.count("<rect") == 10 and "6</title>" in mon.histogram.value
+        assert mon.newest.value.count("<tr>") == 6  # header + 5 newest
+        assert "done" in mon.status.value
+    finally:
+        runner.stop()
+
+
+def test_monitor_cancel_stops_the_run_cleanly():
+    runner, run = _start_run(40, 2)
+    try:
+        mon = nb.monitor(run)
+        _wait(lambda: len(run.rows) >= 1, timeout=60, what="first row")
+        mon.cancel_button.click()
+        _wait(lambda: run.done, timeout=30, what="cancelled")
+        assert run.status == "cancelled" and len(run.rows) < 40
+        _wait(lambda: "cancelled" in mon.status.value, what="monitor shows cancelled")
+        _wait(lambda: not own_servers(), what="sandboxes released")
+    finally:
+        runner.stop()
