@@ -120,6 +120,7 @@ def test_launch_and_stop_from_jupyterlab(jupyterlab, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `sudo scripts/setup-browser` (installs Debian's "
                     "chromium); this test never downloads a browser")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     base, server = jupyterlab
@@ -135,6 +136,9 @@ def test_launch_and_stop_from_jupyterlab(jupyterlab, tmp_path):
             page.set_default_timeout(60_000)
             page.goto(f"{base}/lab/tree/widgets.ipynb")
             page.locator(".jp-Notebook").first.wait_for()
+            select = page.locator(".jp-Dialog button", has_text="Select")
+            with contextlib.suppress(PlaywrightTimeout):  # "Select Kernel" shows on first open
+                select.first.click(timeout=15_000)
             page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
                 timeout=90_000
             )

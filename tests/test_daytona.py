@@ -11,17 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import asyncssh
 import pytest
 
-pytest.importorskip("daytona")
-asyncssh = pytest.importorskip("asyncssh")
-
-from sandboxnb.client import connect  # noqa: E402
-from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat  # noqa: E402
-from sandboxnb.providers.base import ProviderError  # noqa: E402
-from sandboxnb.providers.daytona import DaytonaProvider  # noqa: E402
-from sandboxnb.testing.daytona_emulator import SDK_VERSION, DaytonaEmulator  # noqa: E402
-from sandboxnb.testing.isolation import namespaces_available  # noqa: E402
+from sandboxnb.client import connect
+from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat
+from sandboxnb.providers.base import ProviderError
+from sandboxnb.providers.daytona import DaytonaProvider
+from sandboxnb.testing.daytona_emulator import SDK_VERSION, DaytonaEmulator
+from sandboxnb.testing.isolation import namespaces_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,10 +294,6 @@ def test_sync_emulator_and_unknown_routes_fail_loudly():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_humaneval_all_164_with_oracle_on_daytona(tmp_path):
-    try:
-        import sandboxnb.scheduler  # noqa: F401
-    except ImportError as err:  # the engine is built alongside; say so rather than fail here
-        pytest.skip(f"the engine (sandboxnb.scheduler) does not import: {err}")
     out = tmp_path / "rows.jsonl"
     with DaytonaEmulator() as emu:
         started = time.monotonic()

@@ -71,7 +71,8 @@ def test_launch_ls_stop(ip):
     assert isinstance(table, SandboxTable)
     (row,) = table.rows
     assert row["name"] == "box" and row["provider"] == "local" and row["state"] == "running"
-    assert row["id"] == handle.id and "cpu=1.0" in row["config"] and "memory_mb=256" in row["config"]
+    assert row["id"] == handle.id
+    assert "cpu=1.0" in row["config"] and "memory_mb=256" in row["config"]
     assert "box" in repr(table) and "<table" in table._repr_html_()
     # top-level await on the handle works from the shell's own loop
     result = ip.run_cell("r = await box.exec('echo hi')")
@@ -144,7 +145,7 @@ def test_line_usage_errors(ip, line, match):
 def test_cell_usage_errors(ip):
     with pytest.raises(UsageError, match="no running sandbox and no provider"):
         ip.run_cell_magic("sandbox", "nosuch", "1")
-    with pytest.raises(UsageError, match="resources.cpu"):
+    with pytest.raises(UsageError, match=r"resources\.cpu"):
         ip.run_cell_magic("sandbox", "local --cpu 0", "1")
     with pytest.raises(UsageError, match="expected a Python variable name"):
         ip.run_cell_magic("sandbox", "local -o 1x", "1")

@@ -110,7 +110,8 @@ def test_interrupt_cancels_sandbox_cell(no_account):
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=60)
-        assert _execute(kc, "%load_ext sandboxnb\n%sandbox launch local --name sb")["status"] == "ok"
+        setup = "%load_ext sandboxnb\n%sandbox launch local --name sb"
+        assert _execute(kc, setup)["status"] == "ok"
         kernel_pid = km.provisioner.pid
         # 1) a one-shot Python cell: the whole sandbox must go away
         servers_before = _alive(sandbox_server_pids()) & _descendants(kernel_pid)

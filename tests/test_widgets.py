@@ -98,8 +98,8 @@ def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     time.sleep(0.2)
     assert own_servers() == set()
     # fixing the field clears the message on the next click (and launches)
-    setattr(getattr(ui, field), "value", {"cpu": 1.0, "memory_mb": 256, "gpu_type": "",
-                                          "gpu_count": 1, "timeout": 0.0}[field])
+    fixed = {"cpu": 1.0, "memory_mb": 256, "gpu_type": "", "gpu_count": 1, "timeout": 0.0}
+    getattr(ui, field).value = fixed[field]
     if field == "gpu_count":
         ui.gpu_type.value = ""
     ui.launch_button.click()
