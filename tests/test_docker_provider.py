@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -226,6 +229,17 @@ async def test_server_dying_reports_its_output(provider, engine):
     assert ours(engine) == before
 
 
+@pytest.mark.parametrize("startup_timeout_s", [0.05, 0.3])
+async def test_startup_timeout_bounds_acquire(provider, engine, startup_timeout_s):
+    before = ours(engine)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="not ready within startup_timeout_s"):
+        async with provider.sandbox(config_from_flat(startup_timeout_s=startup_timeout_s)):
+            pass
+    assert time.monotonic() - started < startup_timeout_s + 5
+    assert ours(engine) == before
+
+
 async def test_missing_image_without_pull(engine):
     prov = DockerProvider(pull=False)
     try:
@@ -281,6 +295,27 @@ async def test_reap_removes_this_sessions_containers(provider, engine):
     async with provider.sandbox(config_from_flat()) as endpoint:
         assert await provider.reap(session_only=True) == [endpoint.sandbox_id]
         assert endpoint.sandbox_id not in await provider.live_sandboxes()
+
+
+async def test_cli_runs_humaneval_subset_on_docker(engine, tmp_path):
+    before = ours(engine)
+    journal = tmp_path / "rows.jsonl"
+    cmd = [
+        sys.executable, "-m", "sandboxnb", "run", "humaneval", "--agent", "oracle",
+        "--runtime", "docker", "--tasks", "HumanEval/1?", "--cpu", "1", "--memory-mb", "512",
+        "--max-concurrent", "4", "--journal", str(journal), "--no-progress",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, out.decode()
+    rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "task_id" in r]
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"ok"}
+    assert {r["provider"] for r in rows} == {"docker"} and {r["cpu"] for r in rows} == {1.0}
+    assert all(r["reward"] == 1.0 for r in rows)
+    assert ours(engine) == before
 
 
 @pytest.mark.slow
