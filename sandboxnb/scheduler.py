@@ -249,9 +249,10 @@ def start(
         journal=journal,
         resume=resume,
     )
+    run_obj.start()
     if progress:
         _attach_progress(run_obj)
-    return run_obj.start()
+    return run_obj
 
 
 async def run(
@@ -351,10 +352,12 @@ def _attach_progress(run_obj: Run) -> None:
         bar.set_postfix(
             run_obj.counts() | {"reward": f"{run_obj.mean_reward():.3f}"}, refresh=False
         )
-        if len(run_obj.rows) >= run_obj.total:
-            bar.close()
 
     run_obj.subscribe(update)
+    if run_obj._task is not None:  # closed however the run ends (done, cancelled, failed)
+        run_obj._task.add_done_callback(lambda _: bar.close())
+    else:
+        bar.close()
 
 
 def load(journal: str | Path) -> Run:

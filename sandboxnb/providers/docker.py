@@ -205,8 +205,6 @@ class DockerProvider(Provider):
         }
 
     def _create_kwargs(self, config: RuntimeConfig, sandbox_id: str, token: str) -> dict[str, Any]:
-        from docker.types import DeviceRequest
-
         res, lim = config.resources, config.limits
         startup = lim.startup_timeout_s or _DEFAULT_STARTUP_S
         command = [
@@ -236,8 +234,8 @@ class DockerProvider(Provider):
         if res.memory_mb is not None:
             kwargs["mem_limit"] = kwargs["memswap_limit"] = f"{res.memory_mb}m"
         gpus = _gpu_count(config)
-        if gpus:
-            kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
+        if gpus:  # what `--gpus N` sends
+            kwargs["device_requests"] = [{"count": gpus, "capabilities": [["gpu"]]}]
         return kwargs
 
     # ----------------------------------------------------------------- sync phases
@@ -414,11 +412,8 @@ class DockerProvider(Provider):
                 kill_handle.cancel()
             # Runs to completion in its thread even if this task is cancelled again.
             cleanup = self._submit(self._cleanup, sandbox_id, cid, launching)
-            try:
-                await asyncio.shield(asyncio.wrap_future(cleanup))
-            except asyncio.CancelledError:
-                concurrent.futures.wait([cleanup], timeout=self.api_timeout_s)
-                raise
+            # A second cancel stops the wait, not the removal (pool threads finish even at exit).
+            await asyncio.shield(asyncio.wrap_future(cleanup))
 
     async def live_sandboxes(self) -> list[str]:
         """Sandbox ids of this owner's containers (any session, any state) the engine still has."""
