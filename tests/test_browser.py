@@ -50,6 +50,39 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def _reap_browser_children() -> None:
+    """Kill and reap chromium processes orphaned to us (we are their subreaper)."""
+    me = os.getpid()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    comm, rest = fh.read().split(" (", 1)[1].rsplit(")", 1)
+            except (OSError, ValueError):
+                continue
+            state, ppid = rest.split()[0], int(rest.split()[1])
+            if ppid != me or "chrom" not in comm:
+                continue
+            left.append(int(entry))
+            with contextlib.suppress(OSError):
+                if state != "Z":
+                    os.kill(int(entry), signal.SIGKILL)
+                os.waitpid(int(entry), os.WNOHANG)
+        if not left:
+            return
+        time.sleep(0.1)
+
+
+def _set_subreaper(on: bool) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
 def _get(url: str, method: str = "GET", timeout: float = 5) -> bytes:
     request = urllib.request.Request(url, method=method)
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -126,6 +159,22 @@ def test_launch_and_stop_from_jupyterlab(jupyterlab, tmp_path):
     base, server = jupyterlab
     shots = tmp_path / "screenshots"
     shots.mkdir()
+    _set_subreaper(True)  # chromium's helpers get reaped here instead of lingering as zombies
+    try:
+        _drive_browser(base, server, shots, tmp_path, expect, sync_playwright,
+                       PlaywrightTimeout)
+    finally:
+        _reap_browser_children()
+        _set_subreaper(False)
+    assert sorted(p.name for p in shots.iterdir()) == ["1-launcher.png", "2-running.png",
+                                                        "3-stopped.png"]
+    keep = ROOT / "test-output" / "browser"
+    keep.mkdir(parents=True, exist_ok=True)
+    for shot in shots.iterdir():
+        shutil.copy(shot, keep / shot.name)
+
+
+def _drive_browser(base, server, shots, tmp_path, expect, sync_playwright, PlaywrightTimeout):
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
@@ -173,9 +222,3 @@ def test_launch_and_stop_from_jupyterlab(jupyterlab, tmp_path):
             raise
         finally:
             context.close()
-    assert sorted(p.name for p in shots.iterdir()) == ["1-launcher.png", "2-running.png",
-                                                        "3-stopped.png"]
-    keep = ROOT / "test-output" / "browser"
-    keep.mkdir(parents=True, exist_ok=True)
-    for shot in shots.iterdir():
-        shutil.copy(shot, keep / shot.name)

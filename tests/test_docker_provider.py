@@ -141,6 +141,20 @@ async def test_gpu_type_rejected_before_any_container(provider, engine):
     assert provider.check(config_from_flat(gpu="any:2")).resources.gpu.count == 2
 
 
+async def test_gpu_count_reaches_the_engine(provider, engine):
+    before = ours(engine)
+    config = config_from_flat(gpu="any:2")
+    if "nvidia" not in (engine.info().get("Runtimes") or {}):
+        with pytest.raises(ProviderError, match="no GPU device driver"):
+            async with provider.sandbox(config):
+                pass
+    else:  # pragma: no cover - only on GPU hosts
+        async with provider.sandbox(config) as endpoint:
+            host = engine.api.inspect_container(endpoint.meta["container_id"])["HostConfig"]
+            assert host["DeviceRequests"][0]["Count"] == 2
+    assert ours(engine) == before
+
+
 async def test_unsupported_fields_and_options_rejected(provider, engine):
     before = engine.containers.list(all=True)
     with pytest.raises(UnsupportedFieldError, match=r"docker does not support resources.disk_mb"):

@@ -336,7 +336,11 @@ async def test_humaneval_oracle_scores_164_of_164(emu, tmp_path):
     finally:
         await provider.aclose()
     assert run.total == 164
-    assert run.counts() == {"ok": 164}, [r["error"] for r in run.rows if r["error"]][:3]
+    failed = [
+        (r["error"], r["sandbox_id"] and emu.record(r["sandbox_id"]).end_reason)
+        for r in run.rows if r["error"]
+    ]
+    assert run.counts() == {"ok": 164}, failed[:3]
     assert run.mean_reward() == 1.0
     assert {r["provider"] for r in run.rows} == {"modal"}
     assert len(emu.creates) == 164

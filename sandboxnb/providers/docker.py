@@ -520,4 +520,9 @@ def _launch_error(image: str, err: Any) -> ProviderError:
             f"docker: image {image!r} has no python3 (the sandbox server needs python3 >= 3.9 "
             f"on PATH in the image); engine said: {text}"
         )
+    if "could not select device driver" in text:
+        return ProviderError(
+            f"docker: resources.gpu asks for GPUs but this engine has no GPU device driver "
+            f"(install the NVIDIA Container Toolkit, or drop gpu); engine said: {text}"
+        )
     return ProviderError(f"docker: could not start a container from {image!r}: {text}")
