@@ -77,6 +77,21 @@ def _reap_browser_children() -> None:
         time.sleep(0.1)
 
 
+def _wait_kernels_idle(base: str, timeout: float = 300, stable_s: float = 3) -> None:
+    deadline = time.monotonic() + timeout
+    idle_since = None
+    while time.monotonic() < deadline:
+        kernels = json.loads(_get(f"{base}/api/kernels"))
+        if all(k["execution_state"] == "idle" for k in kernels):
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since >= stable_s:
+                return
+        else:
+            idle_since = None
+        time.sleep(0.25)
+    raise AssertionError("the notebook did not finish running")
+
+
 def _set_subreaper(on: bool) -> None:
     import ctypes
 
@@ -183,8 +198,14 @@ def _drive_browser(base, server, shots, tmp_path, expect, sync_playwright, Playw
         try:
             page = context.new_page()
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/widgets.ipynb")
-            page.locator(".jp-Notebook").first.wait_for()
+            for attempt in range(3):  # a loaded machine can fail the first fetch
+                page.goto(f"{base}/lab/tree/widgets.ipynb")
+                try:
+                    page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+                    break
+                except PlaywrightTimeout:
+                    if attempt == 2:
+                        raise
             select = page.locator(".jp-Dialog button", has_text="Select")
             with contextlib.suppress(PlaywrightTimeout):  # "Select Kernel" shows on first open
                 select.first.click(timeout=15_000)
@@ -213,6 +234,7 @@ def _drive_browser(base, server, shots, tmp_path, expect, sync_playwright, Playw
             while _alive(servers) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert not _alive(servers), "the stopped sandbox's server is still running"
+            _wait_kernels_idle(base)  # the notebook's remaining cells (a run) finish cleanly
         except BaseException:
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(shots / "failure.png"), full_page=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -302,7 +303,9 @@ async def test_concurrent_sandboxes_do_not_block_the_loop(provider, engine):
     stop.set()
     await tick
     assert outputs == [f"{i}\n" for i in range(6)]
-    assert max(lags) < 0.25, f"event loop stalled {max(lags):.3f}s"
+    # Robust on a loaded 2-core machine: SDK calls on the loop would make most ticks late.
+    assert statistics.median(lags) < 0.05, f"event loop lag median {statistics.median(lags):.3f}s"
+    assert max(lags) < 2.0, f"event loop stalled {max(lags):.3f}s"
 
 
 async def test_reap_removes_this_sessions_containers(provider, engine):
