@@ -70,12 +70,12 @@ def _is_zombie(pid: int) -> bool:
 
 
 def sandbox_containers() -> set[str]:
-    """Ids of running Docker containers labelled as sandboxnb sandboxes, if an engine is up."""
+    """Ids of Docker containers (any state) labelled as sandboxnb sandboxes, if an engine is up."""
     if not shutil.which("docker"):
         return set()
     try:
         out = subprocess.run(
-            ["docker", "ps", "-q", "--filter", "label=sandboxnb"],
+            ["docker", "ps", "-aq", "--filter", "label=sandboxnb"],
             capture_output=True,
             text=True,
             timeout=10,
