@@ -46,24 +46,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _providers_table() -> str:
-    from sandboxnb.providers import provider_class, provider_names
+    from sandboxnb.providers import describe_providers
 
     lines = [f"{'provider':<10} {'status':<12} supports / reason"]
-    for name in provider_names():
-        try:
-            cls = provider_class(name)
-            availability = cls.availability()
-            try:  # an instance knows what this machine lets it honour
-                supported = cls().supported
-            except Exception:
-                supported = cls.supported
-            supports = ", ".join(sorted(supported))
-        except Exception as err:  # an optional SDK missing or broken
-            lines.append(f"{name:<10} {'unavailable':<12} {type(err).__name__}: {err}")
-            continue
-        status = "available" if availability.available else "unavailable"
-        detail = supports if availability.available else f"{availability.reason} | {supports}"
-        lines.append(f"{name:<10} {status:<12} {detail}")
+    for row in describe_providers():
+        status = "available" if row["available"] else "unavailable"
+        detail = row["supports"] if row["available"] else f"{row['reason']} | {row['supports']}"
+        lines.append(f"{row['provider']:<10} {status:<12} {detail}")
     return "\n".join(lines)
 
 

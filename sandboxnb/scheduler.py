@@ -29,9 +29,15 @@ from sandboxnb.tasks import Task, Taskset
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Run", "load", "run", "start"]
+__all__ = ["Run", "active_runs", "load", "run", "start"]
 
 Listener = Callable[[dict[str, Any]], None]
+_ACTIVE: set[Run] = set()
+
+
+def active_runs() -> list[Run]:
+    """Runs scheduled in this process that have not ended (for shutdown hooks and monitors)."""
+    return list(_ACTIVE)
 
 
 class Run:
@@ -75,6 +81,7 @@ class Run:
         """Schedule the run on the running event loop and return at once."""
         if self._task is None and self.status == "pending":
             self._task = asyncio.get_running_loop().create_task(self._execute())
+            _ACTIVE.add(self)
         return self
 
     def __await__(self):
@@ -122,6 +129,7 @@ class Run:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)  # every sandbox released
             self.wall_s = time.perf_counter() - began
+            _ACTIVE.discard(self)
             if self._journal is not None:
                 await asyncio.to_thread(self._journal.close)
             if self._owns_provider and self._provider is not None:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 USAGE = (
     "usage: python3 -m sandboxnb.server [--host 127.0.0.1] [--port 0] [--unix PATH] "
     "[--sandbox-id ID] [--idle-timeout S] [--startup-timeout S] [--memory-mb N] "
-    "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N]\n"
+    "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N] [--owner-pid PID]\n"
     "The token is read from env SANDBOXNB_TOKEN (required)."
 )
 _OPTIONS = {
@@ -50,6 +50,7 @@ _OPTIONS = {
     "--workdir": str,
     "--max-frame-bytes": int,
     "--max-file-bytes": int,
+    "--owner-pid": int,
 }
 
 
@@ -67,6 +68,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         "host": "127.0.0.1", "port": 0, "unix": None, "sandbox_id": None,
         "idle_timeout": 300.0, "startup_timeout": 60.0, "memory_mb": None, "workdir": None,
         "max_frame_bytes": P.MAX_FRAME_BYTES, "max_file_bytes": P.MAX_FILE_BYTES,
+        "owner_pid": None,
     }
     i = 0
     while i < len(argv):
@@ -326,6 +328,8 @@ class Server:
         self.max_frame: int = opts["max_frame_bytes"] or P.MAX_FRAME_BYTES
         self.max_file: int = opts["max_file_bytes"] or P.MAX_FILE_BYTES
         self.idle_timeout: float | None = opts["idle_timeout"]
+        #: our parent, the local owner (kernel or CLI); once we are re-parented, it has died
+        self.owner_pid: int | None = opts.get("owner_pid")
         self.startup_timeout: float | None = opts["startup_timeout"]
         self.workdir = os.getcwd()
         self.child_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
@@ -376,6 +380,9 @@ class Server:
     def serve_forever(self) -> None:
         """Accept connections until shutdown or the dead-man switch fires."""
         while not self.exiting:
+            if self.owner_pid is not None and os.getppid() != self.owner_pid:
+                _log(f"owner process {self.owner_pid} is gone: exiting (dead-man switch)")
+                self.exit(0)
             with self.lock:
                 clients, last = self.clients, self.last_change
                 limit = self.idle_timeout if self.ever_connected else self.startup_timeout

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from sandboxnb.errors import ConnectionLost
 from sandboxnb.providers import get_provider
 from sandboxnb.providers.base import ProviderError
 from sandboxnb.providers.local import LocalProvider
+
+from .conftest import sandbox_server_pids
 
 
 def _alive(pid: int) -> bool:
@@ -191,3 +196,31 @@ async def test_concurrent_sandboxes(provider, tmp_path):
     assert outs == [f"{i}\n" for i in range(6)]
     assert not any(tmp_path.iterdir())
     assert os.listdir(tmp_path) == []
+
+
+def test_sandbox_exits_when_its_owner_process_dies(tmp_path):
+    """A crashed kernel or CLI (SIGKILL: no teardown runs) takes its local sandboxes with it."""
+    owner = tmp_path / "owner.py"
+    owner.write_text(
+        "import asyncio, sys\n"
+        "from sandboxnb.providers.local import LocalProvider\n"
+        "async def main():\n"
+        "    async with LocalProvider().sandbox() as ep:\n"
+        "        print(ep.meta.get('pid') or ep.meta, flush=True)\n"
+        "        await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    before = sandbox_server_pids()
+    proc = subprocess.Popen([sys.executable, str(owner)], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        servers = sandbox_server_pids() - before
+        assert len(servers) == 1
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (sandbox_server_pids() - before):
+            time.sleep(0.1)
+        assert not (sandbox_server_pids() - before), "server outlived its owner"
+    finally:
+        proc.kill()

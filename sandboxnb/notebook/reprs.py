@@ -116,34 +116,10 @@ PROVIDER_COLUMNS = ("provider", "available", "supports", "why unavailable / how 
 
 
 def provider_rows() -> list[dict[str, Any]]:
-    """One row per registered provider: availability, reason and supported fields.
+    """One row per registered provider (see :func:`sandboxnb.providers.describe_providers`)."""
+    from sandboxnb.providers import describe_providers
 
-    A provider whose module cannot be imported (optional SDK missing) is reported unavailable
-    with the import error and the extra to install.
-    """
-    from sandboxnb.providers import provider_class, provider_names
-
-    rows = []
-    for name in provider_names():
-        try:
-            cls = provider_class(name)
-            avail = cls.availability()
-            rows.append({
-                "provider": name,
-                "available": bool(avail.available),
-                "supports": ", ".join(sorted(cls.supported)),
-                "reason": "" if avail.available else avail.reason,
-                "description": getattr(cls, "description", ""),
-            })
-        except Exception as err:  # ImportError of an optional SDK, or a broken plug-in
-            rows.append({
-                "provider": name,
-                "available": False,
-                "supports": "",
-                "reason": f"cannot import: {err} (try: pip install 'sandboxnb[{name}]')",
-                "description": "",
-            })
-    return rows
+    return describe_providers()
 
 
 def _provider_cells(row: dict[str, Any]) -> list[Any]:

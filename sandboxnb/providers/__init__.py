@@ -15,6 +15,7 @@ __all__ = [
     "Endpoint",
     "Provider",
     "ProviderError",
+    "describe_providers",
     "get_provider",
     "provider_class",
     "provider_names",
@@ -64,3 +65,33 @@ def get_provider(runtime: str | Provider, **options: Any) -> Provider:
             "or a Provider instance"
         )
     return provider_class(runtime)(**options)
+
+
+def describe_providers() -> list[dict[str, Any]]:
+    """One row per registered provider: name, availability, the reason when unavailable, the
+    fields it honours here and a description. A provider whose optional SDK is missing is
+    reported unavailable with the extra to install, never raised."""
+    rows = []
+    for name in provider_names():
+        try:
+            cls = provider_class(name)
+            status = cls.availability()
+            try:  # an instance knows what this machine lets it honour (local: cgroup cpu)
+                supported = cls().supported
+            except Exception:
+                supported = cls.supported
+        except Exception as err:  # ImportError of an optional SDK, or a broken plug-in
+            rows.append({
+                "provider": name, "available": False, "supports": "",
+                "reason": f"cannot import: {err} (try: pip install 'sandboxnb[{name}]')",
+                "description": "",
+            })
+            continue
+        rows.append({
+            "provider": name,
+            "available": bool(status.available),
+            "supports": ", ".join(sorted(supported)),
+            "reason": "" if status.available else status.reason,
+            "description": getattr(cls, "description", ""),
+        })
+    return rows

@@ -124,7 +124,8 @@ class LocalProvider(Provider):
                 sock = root / "server.sock"
                 argv = [*_UNSHARE, *argv, "--unix", str(sock)]
             else:
-                argv += ["--host", "127.0.0.1", "--port", "0"]
+                # the server also exits within a second if this process dies (crashed kernel)
+                argv += ["--host", "127.0.0.1", "--port", "0", "--owner-pid", str(os.getpid())]
             env = dict(os.environ, SANDBOXNB_TOKEN=token)
             if res.memory_mb:
                 env["MALLOC_ARENA_MAX"] = "2"  # fewer malloc arenas reserving address space
