@@ -361,6 +361,7 @@ class Server:
             "sandbox_id": self.opts["sandbox_id"],
             "pid": os.getpid(),
             "python": sys.version.split()[0],
+            "executable": sys.executable,
             "workdir": self.workdir,
             "methods": list(P.METHODS),
             "max_frame_bytes": self.max_frame,

@@ -154,8 +154,8 @@ class Task(BaseModel):
 
 def sandbox_python(sandbox: Sandbox) -> str:
     """The Python interpreter to use inside ``sandbox`` (the server's own where it is known)."""
-    info = getattr(sandbox, "server_info", None) or {}
-    return info.get("python") or "python3"
+    info = getattr(sandbox, "info", None) or {}
+    return info.get("executable") or "python3"
 
 
 def grade_from_process(exit_code: int | None, stdout: str, timed_out: bool) -> Grade:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -153,3 +155,117 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     assert not _own_servers()
+
+
+@contextlib.contextmanager
+def _kernel():
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=False)
+
+
+def _run(kc, code: str, timeout: float = 120) -> tuple[dict, str]:
+    """Execute ``code``; return the reply content and the cell's text output."""
+    parts: list[str] = []
+
+    def hook(msg: dict) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "stream":
+            parts.append(content["text"])
+        elif msg["msg_type"] in ("execute_result", "display_data"):
+            parts.append(content["data"].get("text/plain", "") + "\n")
+        elif msg["msg_type"] == "error":
+            parts.append(f"{content['ename']}: {content['evalue']}\n")
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return reply["content"], "".join(parts)
+
+
+def _ok(kc, code: str, timeout: float = 120) -> str:
+    content, text = _run(kc, code, timeout)
+    assert content["status"] == "ok", text
+    return text
+
+
+@pytest.mark.slow
+def test_sandboxes_live_on_the_kernel_loop(no_account):
+    """Magics, top-level await and widget callbacks share the kernel's own loop; the loop is made
+    re-entrant only at the first blocking magic; heartbeats keep running between cells."""
+    with _kernel() as (km, kc):
+        text = _ok(kc, "import asyncio, threading, time\nimport sandboxnb\n%load_ext sandboxnb\n"
+                       "print('patched:', hasattr(asyncio, '_nest_patched'))")
+        assert "patched: False" in text
+        _ok(kc, "%sandbox launch local --name sb")
+        text = _ok(kc, "loop = asyncio.get_running_loop()\n"
+                       "print('same loop:', sb.sandbox._heartbeat_task.get_loop() is loop)\n"
+                       "print('threads:', sorted(t.name for t in threading.enumerate()))\n"
+                       "r = await sb.exec('echo top-level')\nprint(r.stdout.strip())")
+        assert "same loop: True" in text and "top-level" in text
+        assert "sandboxnb" not in text.split("threads:")[1].split("\n")[0]
+        # idle kernel: the heartbeat task keeps running (3 s interval, 6 s answer deadline)
+        time.sleep(7)
+        text = _ok(kc, "hb = sb.sandbox._heartbeat_task\n"
+                       "print('alive:', not hb.done() and not sb.closed)\nawait sb.ping()")
+        assert "alive: True" in text
+        # a widget callback made on another thread while the kernel is idle
+        _ok(kc, "ui = sandboxnb.launcher(provider='local')\n"
+                "threading.Timer(0.3, ui.launch_button.click).start()")
+        deadline = time.monotonic() + 30
+        while True:
+            text = _ok(kc, "from sandboxnb.notebook.state import manager\n"
+                           "print([(r.name, r.state, r.loop is asyncio.get_running_loop()) "
+                           "for r in manager().records()])")
+            if "('sb1', 'running', True)" in text:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        # an interrupt during heavy streamed output leaves the connection usable
+        msg_id = kc.execute("%%sandbox sb\nwhile True:\n    print('x' * 200, flush=True)")
+        time.sleep(1.5)
+        took, content = _interrupt_and_time(km, kc, msg_id)
+        assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
+        assert took < 10
+        text = _ok(kc, "print('after:', (await sb.exec('echo ok')).stdout.strip())\n"
+                       "%sandbox stop --all")
+        assert "after: ok" in text
+        assert not (_alive(sandbox_server_pids()) & _descendants(km.provisioner.pid))
+    assert not _own_servers()
+
+
+@pytest.mark.slow
+def test_kernel_shutdown_cancels_background_runs(no_account):
+    """A run started with ``sandboxnb.start`` is cancelled at kernel shutdown: in-flight
+    rollouts are journaled as cancelled and their sandboxes are gone when the kernel is."""
+    journal = no_account / "slow.jsonl"
+    with _kernel() as (km, kc):
+        kernel_pid = km.provisioner.pid
+        _ok(kc, f"""import asyncio, sandboxnb
+%load_ext sandboxnb
+from sandboxnb.tasks import Taskset
+from sandboxnb.tasksets import humaneval
+
+async def slow(sandbox, task):
+    await sandbox.exec('true')
+    await asyncio.sleep(1000)
+
+run = sandboxnb.start(Taskset(list(humaneval.load())[:5], name='h5'), slow, 'local',
+                      max_concurrent=2, journal={str(journal)!r})""")
+        deadline = time.monotonic() + 30
+        while len(_alive(sandbox_server_pids()) & _descendants(kernel_pid)) < 2:
+            assert time.monotonic() < deadline, "the run's sandboxes never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # let both rollouts reach the agent's sleep
+        km.shutdown_kernel(now=False)
+        assert not km.is_alive()
+    # checked at once: the sandboxes went away with the kernel, not after it
+    assert not _alive(sandbox_server_pids() - {os.getpid()}) & _descendants(os.getpid())
+    rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    assert [r["status"] for r in rows] == ["cancelled", "cancelled"], rows

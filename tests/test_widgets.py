@@ -1,9 +1,13 @@
 """Launcher and monitor widgets driven without a browser: set traits, click buttons, and watch
-real local sandboxes start and stop."""
+real local sandboxes start and stop. A loop running on a thread of its own stands in for the
+kernel loop, so button callbacks (made on the test thread) hand work to another thread's loop,
+as they do from a kernel subshell."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -40,9 +44,29 @@ def own_servers() -> set[int]:
 
 
 @pytest.fixture(autouse=True)
-def _release():
-    yield
-    nb._release_all()
+def kernel_loop():
+    """A running loop recorded as the kernel loop; everything on it is released afterwards."""
+    ready = threading.Event()
+    holder: dict[str, asyncio.AbstractEventLoop] = {}
+
+    def run() -> None:
+        holder["loop"] = asyncio.new_event_loop()
+        holder["loop"].call_soon(ready.set)
+        holder["loop"].run_forever()
+
+    thread = threading.Thread(target=run, name="test-kernel-loop", daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    running = holder["loop"]
+    loop.remember_kernel_loop(running)
+    try:
+        yield running
+    finally:
+        nb._release_all()
+        loop.forget_kernel_loop()
+        running.call_soon_threadsafe(running.stop)
+        thread.join(10)
+        running.close()
 
 
 def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -144,16 +168,36 @@ def _start_run(n: int, max_concurrent: int):
     import sandboxnb.scheduler as sched
 
     tasks = Taskset(list(humaneval.load())[:n], name=f"humaneval-{n}")
-    runner = loop.LoopThread("test-run-loop")
 
     async def begin():
         return sched.start(tasks, "oracle", "local", max_concurrent=max_concurrent)
 
-    return runner, runner.submit(begin()).result(30)
+    return loop.submit(begin()).result(30)
+
+
+def _finish(run) -> None:
+    if not run.done:
+        run.cancel()
+        _wait(lambda: run.done, what="run cancelled")
+
+
+def test_callbacks_hand_work_to_the_kernel_loop(kernel_loop):
+    ui = nb.launcher(provider="local")
+    ui.launch_button.click()
+    _wait(lambda: [r.state for r in state.manager().records()] == ["running"], what="launch")
+    (record,) = state.manager().records()
+    assert record.loop is kernel_loop
+    assert record.sandbox._heartbeat_task.get_loop() is kernel_loop
+
+    async def where() -> str:
+        await record.sandbox.ping()
+        return threading.current_thread().name
+
+    assert loop.submit(where()).result(10) == "test-kernel-loop"
 
 
 def test_monitor_follows_a_run():
-    runner, run = _start_run(6, 3)
+    run = _start_run(6, 3)
     try:
         mon = nb.monitor(run)
         assert isinstance(mon, Monitor)
@@ -166,11 +210,11 @@ def test_monitor_follows_a_run():
         assert mon.newest.value.count("<tr>") == 6  # header + 5 newest
         assert "done" in mon.status.value
     finally:
-        runner.stop()
+        _finish(run)
 
 
 def test_monitor_cancel_stops_the_run_cleanly():
-    runner, run = _start_run(40, 2)
+    run = _start_run(40, 2)
     try:
         mon = nb.monitor(run)
         _wait(lambda: len(run.rows) >= 1, timeout=60, what="first row")
@@ -180,4 +224,4 @@ def test_monitor_cancel_stops_the_run_cleanly():
         _wait(lambda: "cancelled" in mon.status.value, what="monitor shows cancelled")
         _wait(lambda: not own_servers(), what="sandboxes released")
     finally:
-        runner.stop()
+        _finish(run)

@@ -30,7 +30,7 @@ def load_ipython_extension(ip: Any) -> None:
         ip.configurables.append(magics)
     _loaded[id(ip)] = magics
     if not _atexit_registered:
-        atexit.register(_release_all)
+        atexit.register(_at_exit)
         _atexit_registered = True
 
 
@@ -54,14 +54,46 @@ def unload_ipython_extension(ip: Any) -> None:
 
 
 def _release_all() -> None:
-    """Stop every interactive sandbox and the sandbox loop (unload and interpreter exit)."""
-    from sandboxnb.notebook import loop, state
+    """Stop every interactive sandbox (extension unload and interpreter exit)."""
+    from sandboxnb.notebook import state
 
     current = state._manager
     if current is not None:
         current.stop_all()
         state._reset_manager()
-    loop.shutdown_sandbox_loop()
+
+
+def _cancel_runs(grace_s: float = 20.0) -> None:
+    """Cancel every background run (``sandboxnb.start``) that has not ended and wait until
+    their sandboxes are released."""
+    import asyncio
+    import sys
+
+    scheduler = sys.modules.get("sandboxnb.scheduler")
+    if scheduler is None:  # never imported: nothing can be running
+        return
+    from sandboxnb.notebook.loop import run_blocking
+
+    runs = scheduler.active_runs()
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Task[Any]]] = {}
+    for run in runs:
+        run.cancel()
+        task = getattr(run, "_task", None)
+        if task is not None and not task.done():
+            by_loop.setdefault(task.get_loop(), []).append(task)
+    for loop, tasks in by_loop.items():
+        if not loop.is_closed():
+            run_blocking(asyncio.wait(tasks, timeout=grace_s), loop=loop)
+
+
+def _at_exit() -> None:
+    """Kernel shutdown / interpreter exit: cancel background runs, stop interactive sandboxes.
+    The kernel loop has stopped by now; it is run here until every teardown finished."""
+    import contextlib
+
+    for step in (_cancel_runs, _release_all):
+        with contextlib.suppress(Exception):
+            step()
 
 
 def launcher(**defaults: Any) -> Any:

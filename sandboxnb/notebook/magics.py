@@ -1,8 +1,8 @@
 """``%sandbox`` (launch, ls, stop, providers, run) and ``%%sandbox`` (run a cell in a sandbox).
 
-Magics are synchronous: each one hands its coroutine to the sandbox loop and waits
-(:func:`sandboxnb.notebook.loop.run_blocking`), printing streamed output on the kernel's main
-thread so it lands in the running cell. Kernel > Interrupt cancels the remote work.
+Magics are synchronous: each one runs its coroutine as a task on the kernel's own loop and blocks
+like a normal cell (:func:`sandboxnb.notebook.loop.run_blocking`), printing streamed output from
+the magic's frame so it lands in the running cell. Kernel > Interrupt cancels the remote work.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ class RemoteValue:
 
 
 class _Streamer:
-    """Collects output from the sandbox loop thread; prints it from the kernel's main thread."""
+    """Collects streamed output (delivered by a connection's reader task, whose output would be
+    attributed to the cell that opened the connection) and prints it from the magic's frame."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -377,7 +378,8 @@ class SandboxMagics(Magics):
         from sandboxnb.errors import RemotePythonError
 
         try:
-            result = run_blocking(go(), on_tick=streamer.flush)
+            result = run_blocking(go(), on_tick=streamer.flush,
+                                  loop=record.loop if record is not None else None)
         except RemotePythonError as err:
             streamer.flush()
             raise RemoteCellError(str(err), err.traceback or str(err)) from None

@@ -1,5 +1,6 @@
 """Interactive sandboxes of a notebook session: launched by ``%sandbox launch`` or the launcher
-widget, kept on the sandbox loop until stopped, released all together at extension unload.
+widget, held open by tasks on the kernel loop until stopped, released all together at extension
+unload and at interpreter exit.
 
 Plain Python (no IPython, no widgets) so tests drive it directly.
 """
@@ -7,6 +8,7 @@ Plain Python (no IPython, no widgets) so tests drive it directly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import re
 import threading
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxnb.config import RuntimeConfig, config_from_flat
-from sandboxnb.notebook.loop import Job, LoopThread, run_blocking, sandbox_loop
+from sandboxnb.notebook.loop import Job, run_blocking, submit, wait_finished
 
 __all__ = [
     "FLAT_FIELDS",
@@ -58,7 +60,15 @@ class SandboxRecord:
     error: str | None = None
     job: Job | None = field(default=None, repr=False)
     _stop: asyncio.Event | None = field(default=None, repr=False)
-    _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: resolves to the client Sandbox once running, or to the launch error
+    ready: concurrent.futures.Future = field(
+        default_factory=concurrent.futures.Future, repr=False
+    )
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop holding this sandbox (the kernel loop it was started on)."""
+        return self.job.loop if self.job is not None else None
 
     @property
     def id(self) -> str | None:
@@ -90,18 +100,13 @@ class SandboxRecord:
 
 
 class SandboxManager:
-    """Owns interactive sandboxes. Each one is held open by a task on the sandbox loop (the
-    task that entered ``sandboxnb.launch(...)`` also exits it, on every path)."""
+    """Owns interactive sandboxes. Each one is held open by a task on the kernel loop (the task
+    that entered ``sandboxnb.launch(...)`` also exits it, on every path)."""
 
-    def __init__(self, loop_thread: LoopThread | None = None) -> None:
-        self._loop_thread = loop_thread
+    def __init__(self) -> None:
         self._records: dict[str, SandboxRecord] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
-
-    @property
-    def loop_thread(self) -> LoopThread:
-        return self._loop_thread or sandbox_loop()
 
     # ---- observation -------------------------------------------------------------------
     def records(self, include_stopped: bool = False) -> list[SandboxRecord]:
@@ -117,7 +122,8 @@ class SandboxManager:
         return [r.name for r in self.records()]
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener()`` after every change (from any thread); returns an unsubscribe."""
+        """Call ``listener()`` after every change (on the kernel loop thread, or the thread
+        that made the change); returns an unsubscribe function."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
@@ -157,8 +163,9 @@ class SandboxManager:
         return record
 
     def start(self, record: SandboxRecord) -> Job:
-        """Start the sandbox of a prepared record on the sandbox loop (returns at once)."""
-        record.job = self.loop_thread.submit(self._hold(record))
+        """Start the sandbox of a prepared record on the kernel loop; returns at once and is
+        safe from any thread (widget callbacks)."""
+        record.job = submit(self._hold(record))
         record.job.add_done_callback(lambda job: self._ended(record, job))
         self._changed()
         return record.job
@@ -170,7 +177,7 @@ class SandboxManager:
         async with launch_mod.launch(record.provider, config=record.config) as sb:
             record.sandbox = sb
             record.state = "running"
-            record._ready.set()
+            _resolve(record.ready, result=sb)
             self._changed()
             await record._stop.wait()
             record.state = "stopping"
@@ -184,7 +191,8 @@ class SandboxManager:
             record.state, record.error = "failed", f"{type(error).__name__}: {error}"
         else:
             record.state = "stopped"
-        record._ready.set()
+        _resolve(record.ready, error=error or RuntimeError(
+            f"sandbox {record.name} was stopped before it was ready"))
         self._changed()
 
     def launch(self, provider: str, name: str | None = None, *, wait: bool = True,
@@ -198,18 +206,21 @@ class SandboxManager:
 
     def wait_ready(self, record: SandboxRecord, timeout: float | None = None) -> SandboxRecord:
         """Block until ``record`` is running; re-raise its launch error. Interrupt cancels it."""
-        ready = record._ready
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not ready.wait(0.05):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"sandbox {record.name} not ready after {timeout} s")
-        except KeyboardInterrupt:
-            if record.job is not None:
-                record.job.cancel_and_wait(30)
-            raise
-        if record.state != "running" and record.job is not None and record.job.done():
-            record.job.result()  # raises the launch error
+        job = record.job
+        if job is None:
+            raise RuntimeError(f"sandbox {record.name} was never started")
+
+        async def until_ready() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(record.ready)), timeout)
+            except TimeoutError:
+                raise TimeoutError(f"sandbox {record.name} not ready after {timeout} s") from None
+            except asyncio.CancelledError:  # interrupted: give the sandbox back first
+                job.cancel()
+                await wait_finished(job, 30)
+                raise
+
+        run_blocking(until_ready(), loop=job.loop)
         return record
 
     def stop(self, name: str, timeout: float = 30.0) -> SandboxRecord:
@@ -218,51 +229,73 @@ class SandboxManager:
         if record is None:
             raise KeyError(name)
         self._request_stop(record)
-        if record.job is not None and not record.job.finished():
-            record.job._finished.wait(timeout)
-            if not record.job.finished():
-                record.job.cancel_and_wait(timeout)
+        self._wait_stopped([record], timeout)
         return record
 
     def stop_async(self, name: str) -> None:
-        """Ask one sandbox to stop and return at once (widget buttons)."""
+        """Ask one sandbox to stop and return at once (widget buttons; any thread)."""
         record = self.get(name)
         if record is not None:
             self._request_stop(record)
 
     def _request_stop(self, record: SandboxRecord) -> None:
-        if record.state == "starting" or record._stop is None:
-            if record.job is not None:
-                record.job.cancel()
+        job = record.job
+        if job is None:
             return
-        loop = self.loop_thread.loop
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(record._stop.set)
+        if record.state == "starting" or record._stop is None:
+            job.cancel()
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed: nothing left to stop
+            job.loop.call_soon_threadsafe(record._stop.set)
 
     def stop_all(self, timeout: float = 30.0) -> list[str]:
         """Stop every sandbox (concurrently) and wait; returns their names."""
         records = self.records()
         for record in records:
             self._request_stop(record)
-        deadline = time.monotonic() + timeout
-        for record in records:
-            if record.job is not None:
-                record.job._finished.wait(max(0.0, deadline - time.monotonic()))
-                if not record.job.finished():
-                    record.job.cancel_and_wait(5)
+        self._wait_stopped(records, timeout)
         return [r.name for r in records]
+
+    @staticmethod
+    def _wait_stopped(records: list[SandboxRecord], timeout: float) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Job]] = {}
+        for record in records:
+            if record.job is not None and not record.job.finished():
+                by_loop.setdefault(record.job.loop, []).append(record.job)
+
+        async def until_stopped(jobs: list[Job]) -> None:
+            waits = [wait_finished(job, timeout) for job in jobs]
+            for job, done in zip(jobs, await asyncio.gather(*waits), strict=True):
+                if not done:  # a teardown that hangs: cancel it
+                    job.cancel()
+                    await wait_finished(job, 5)
+
+        for loop, jobs in by_loop.items():
+            if loop.is_closed():
+                continue
+            run_blocking(until_stopped(jobs), loop=loop)
 
     def run(self, coro: Any, **kwargs: Any) -> Any:
         """Run a coroutine using these sandboxes to completion, blocking (magics)."""
         return run_blocking(coro, **kwargs)
 
 
-class SandboxHandle:
-    """What ``%sandbox launch`` puts in the user namespace: the client methods, awaitable from
-    any loop (they run on the sandbox loop), plus ``stop()``.
+def _resolve(future: concurrent.futures.Future, *, result: Any = None,
+             error: BaseException | None = None) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
-    ``await sb.exec("ls")``, ``await sb.python("1 + 1")``, ``await sb.write_file(...)``.
-    Without a running loop in the calling thread they return a ``concurrent.futures.Future``.
+
+class SandboxHandle:
+    """What ``%sandbox launch`` puts in the user namespace: a thin wrapper over the client
+    ``Sandbox`` (attributes and methods pass through) plus ``stop()``.
+
+    ``await sb.exec("ls")``, ``await sb.python("1 + 1")``, ``await sb.write_file(...)`` at top
+    level run on the kernel loop like any other cell. Awaited from a different loop (another
+    thread), the calls are handed to the kernel loop and awaited there.
     """
 
     _ASYNC = ("exec", "python", "write_file", "read_file", "ping")
@@ -281,25 +314,32 @@ class SandboxHandle:
 
     @property
     def sandbox(self) -> Any:
-        """The underlying client ``Sandbox`` (bound to the sandbox loop)."""
+        """The underlying client ``Sandbox`` (bound to the kernel loop)."""
         return self._record.sandbox
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
             raise AttributeError(attr)
-        target = getattr(self._record.sandbox, attr)
-        if attr in self._ASYNC:
+        sandbox = self._record.sandbox
+        if sandbox is None:
+            raise AttributeError(
+                f"sandbox {self._record.name} is {self._record.state}; {attr!r} is unavailable"
+            )
+        target = getattr(sandbox, attr)
+        if attr in self._ASYNC and self._foreign_loop():
             return self._bridge(target)
         return target
 
+    def _foreign_loop(self) -> bool:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return running is not self._record.loop
+
     def _bridge(self, method: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            job = self._manager.loop_thread.submit(method(*args, **kwargs))
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                return job
-            return _await_job(job)
+            return _await_job(submit(method(*args, **kwargs), self._record.loop))
 
         call.__doc__ = method.__doc__
         call.__name__ = getattr(method, "__name__", "call")

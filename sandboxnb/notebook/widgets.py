@@ -1,8 +1,10 @@
 """Thin ipywidgets views over :mod:`sandboxnb.notebook.controllers`.
 
-Callbacks never block and never touch asyncio directly: launching and stopping go through the
-sandbox manager (its own loop thread), cancelling a run goes through ``Run.cancel`` (thread-safe).
-Updates may arrive from other threads; they only set widget traits.
+Callbacks may run on another thread (JupyterLab >= 4.4 routes comm messages through kernel
+subshells), so they never block and never touch asyncio objects directly: launching and stopping
+go through the sandbox manager, which hands the work to the kernel loop with
+``call_soon_threadsafe``; cancelling a run goes through ``Run.cancel`` (thread-safe). Updates
+arrive on the kernel loop thread; they only set widget traits.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import ipywidgets as w
 
 from sandboxnb.notebook.controllers import LauncherController, MonitorState
+from sandboxnb.notebook.loop import remember_kernel_loop
 from sandboxnb.notebook.reprs import format_age, reward_histogram_svg, table_html
 
 __all__ = ["Launcher", "Monitor"]
@@ -31,6 +34,7 @@ class Launcher(w.VBox):
     """Form to start sandboxes plus a live table of running ones (each with a Stop button)."""
 
     def __init__(self, controller: LauncherController | None = None, **defaults: Any) -> None:
+        remember_kernel_loop()  # built in a cell: the loop running here is the kernel's
         self.controller = controller or LauncherController()
         options = []
         for row in self.controller.providers:

@@ -126,7 +126,9 @@ class LocalProvider(Provider):
             else:
                 # the server also exits within a second if this process dies (crashed kernel)
                 argv += ["--host", "127.0.0.1", "--port", "0", "--owner-pid", str(os.getpid())]
-            env = dict(os.environ, SANDBOXNB_TOKEN=token)
+            # `python3` in the sandbox is the interpreter that runs it (as in an active venv)
+            path = os.pathsep.join([os.path.dirname(self.python), os.environ.get("PATH", "")])
+            env = dict(os.environ, SANDBOXNB_TOKEN=token, PATH=path)
             if res.memory_mb:
                 env["MALLOC_ARENA_MAX"] = "2"  # fewer malloc arenas reserving address space
             state.log = open(root / "server.log", "wb")  # noqa: ASYNC230 - closed in teardown
