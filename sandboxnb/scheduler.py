@@ -9,6 +9,7 @@ scheduler itself) releases every sandbox before the run reports that it ended.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Run", "active_runs", "load", "run", "start"]
 
+log = logging.getLogger("sandboxnb.scheduler")
 Listener = Callable[[dict[str, Any]], None]
 _ACTIVE: set[Run] = set()
 
@@ -155,7 +157,10 @@ class Run:
         if self._journal is not None:
             self._journal.append(row)
         for listener in list(self._listeners):
-            listener(row)
+            try:
+                listener(row)
+            except Exception:  # a broken display must not stop the run or lose the row
+                log.exception("run %s: listener %r failed", self.id, listener)
 
     # -- observation -----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:

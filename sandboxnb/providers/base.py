@@ -8,13 +8,25 @@ error, timeout and cancellation (``CancelledError`` is a ``BaseException``: use 
 from __future__ import annotations
 
 import abc
+import getpass
+import os
+import socket
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from sandboxnb.config import RuntimeConfig, check_supported
 
-__all__ = ["Availability", "Endpoint", "Provider", "ProviderError"]
+__all__ = ["Availability", "Endpoint", "Provider", "ProviderError", "owner_label"]
+
+
+def owner_label() -> str:
+    """``user@host``: who owns a sandbox, for the labels/tags that let us find it again."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 class ProviderError(RuntimeError):

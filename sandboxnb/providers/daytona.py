@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import hashlib
 import importlib.util
 import logging
@@ -30,7 +29,6 @@ import os
 import re
 import secrets
 import shlex
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sandboxnb.config import ConfigError, RuntimeConfig, UnsupportedFieldError
-from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError
+from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError, owner_label
 
 __all__ = ["GPU_TYPES", "LABEL", "DaytonaProvider", "daytona_resources"]
 
@@ -54,14 +52,6 @@ _TOKEN_FILE = f"{_DIR}/token"
 _SESSION = "sandboxnb-server"
 _READY = re.compile(r"SANDBOXNB_READY (\{.*?\})")
 _SSH_CMD = re.compile(r"(?:-p\s+(?P<port>\d+)\s+)?(?P<user>[^\s@]+)@(?P<host>[^\s:]+)")
-
-
-def _owner() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}"
 
 
 def daytona_resources(config: RuntimeConfig) -> dict[str, Any]:
@@ -141,7 +131,7 @@ class DaytonaProvider(Provider):
         self.session_id = session_id or secrets.token_hex(6)
         self.extra_labels = dict(labels or {})
         self.default_image = default_image
-        self.owner = _owner()
+        self.owner = owner_label()
         self._api_url, self._api_key = api_url, api_key
         self._client: Any = None
         self._client_lock: asyncio.Lock | None = None

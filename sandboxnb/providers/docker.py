@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import getpass
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
 from sandboxnb.config import ConfigError, RuntimeConfig, UnsupportedFieldError
-from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError
+from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError, owner_label
 
 __all__ = ["BUSYBOX_IMAGE", "DEFAULT_IMAGE", "LABEL", "DockerProvider"]
 
@@ -52,14 +51,6 @@ _READY = b"SANDBOXNB_READY "
 _GENERIC_GPU = frozenset({"any", "gpu", "nvidia"})
 _DEFAULT_STARTUP_S = 300.0
 _T = TypeVar("_T")
-
-
-def _owner() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}"
 
 
 def _gpu_count(config: RuntimeConfig) -> int | None:
@@ -132,7 +123,7 @@ class DockerProvider(Provider):
         self.env, self.extra_labels = dict(env or {}), dict(labels or {})
         self.max_workers, self.api_timeout_s = max_workers, api_timeout_s
         self.session_id = session_id or secrets.token_hex(6)
-        self.owner = _owner()
+        self.owner = owner_label()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._client: Any = None
         self._client_lock = threading.Lock()

@@ -26,12 +26,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import getpass
 import json
 import math
 import os
 import secrets
-import socket
 import ssl
 import time
 import zlib
@@ -40,7 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sandboxnb.config import ConfigError, RuntimeConfig
-from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError
+from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError, owner_label
 
 __all__ = ["DEFAULT_IMAGE", "KNOWN_GPUS", "ModalProvider"]
 
@@ -69,14 +67,6 @@ _BOOT = (
     "x=sys.executable or 'python3'\n"
     "os.execv(x,[x,p]+sys.argv[2+n:])\n"
 )
-
-
-def _owner() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}"
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -155,7 +145,7 @@ class ModalProvider(Provider):
         self.region, self.cloud = region, cloud
         self.env, self.extra_tags = dict(env or {}), dict(tags or {})
         self.session_id = session_id or secrets.token_hex(6)
-        self.owner = _owner()
+        self.owner = owner_label()
         self._token = (token_id, token_secret) if token_id else None
         self._client: Any = None
         self._app: Any = None
