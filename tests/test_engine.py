@@ -249,3 +249,17 @@ def test_cli_providers_lists_all_four():
     for name in ("local", "docker", "modal", "daytona"):
         assert name in proc.stdout
     assert "resources.memory_mb" in proc.stdout
+
+
+async def test_a_failing_listener_does_not_stop_the_run(caplog):
+    run = sandboxnb.start(TASKS[:2], echo_agent, journal=None)
+    seen = []
+
+    def broken(row):
+        seen.append(row["task_id"])
+        raise ValueError("display bug")
+
+    run.subscribe(broken)
+    await run
+    assert run.status == "done" and len(run.rows) == 2 and len(seen) == 2
+    assert "display bug" in caplog.text
