@@ -68,12 +68,18 @@ class Journal:
 
     def append(self, row: dict[str, Any]) -> None:
         """Queue ``row`` for a durable append (order is preserved)."""
-        self._writer.submit(self._write, _encode(row))
+        line = _encode(row)
+        try:
+            self._writer.submit(self._write, line)
+        except RuntimeError:  # interpreter shutting down: thread pools refuse work
+            self._writer.shutdown(wait=True)  # keep the order: drain what was queued first
+            self._write(line)
 
     def close(self) -> None:
         """Wait for every queued row to be on disk, then close the file."""
         self._writer.shutdown(wait=True)
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
 
 
 def read_journal(path: str | Path) -> list[dict[str, Any]]:

@@ -133,7 +133,10 @@ class Run:
             self.wall_s = time.perf_counter() - began
             _ACTIVE.discard(self)
             if self._journal is not None:
-                await asyncio.to_thread(self._journal.close)
+                try:
+                    await asyncio.to_thread(self._journal.close)
+                except RuntimeError:  # interpreter shutting down: close in this thread
+                    self._journal.close()
             if self._owns_provider and self._provider is not None:
                 await self._provider.aclose()
 

@@ -227,8 +227,10 @@ def test_sandboxes_live_on_the_kernel_loop(no_account):
                 break
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
-        # an interrupt during heavy streamed output leaves the connection usable
-        msg_id = kc.execute("%%sandbox sb\nwhile True:\n    print('x' * 200, flush=True)")
+        # an interrupt during streamed output (the loop is busy delivering it when the signal
+        # arrives) leaves the connection usable
+        msg_id = kc.execute("%%sandbox sb\nimport time\nwhile True:\n"
+                            "    print('x' * 100, flush=True)\n    time.sleep(0.0005)")
         time.sleep(1.5)
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"

@@ -1,7 +1,9 @@
 """The notebook layer: ``%load_ext sandboxnb``, the ``%sandbox`` magics and the widgets.
 
 Only this package imports IPython/ipywidgets, lazily: loading the extension registers the magics
-and nothing else; widgets are imported when ``launcher()`` / ``monitor()`` are first called.
+and the shutdown hooks (kernel shutdown cancels background runs and stops sandboxes) and nothing
+else; widgets are imported when ``launcher()`` / ``monitor()`` are first called. Everything runs
+on the kernel's own asyncio loop (see :mod:`sandboxnb.notebook.loop`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def load_ipython_extension(ip: Any) -> None:
     global _atexit_registered
     from sandboxnb.notebook.loop import remember_kernel_loop
     from sandboxnb.notebook.magics import SandboxMagics
+    from sandboxnb.notebook.shutdown import at_exit, hook_kernel_shutdown
 
     if id(ip) in _loaded:
         return
@@ -29,14 +32,18 @@ def load_ipython_extension(ip: Any) -> None:
     if magics not in ip.configurables:
         ip.configurables.append(magics)
     _loaded[id(ip)] = magics
+    hook_kernel_shutdown(ip)
     if not _atexit_registered:
-        atexit.register(_at_exit)
+        atexit.register(at_exit)
         _atexit_registered = True
 
 
 def unload_ipython_extension(ip: Any) -> None:
     """Stop every sandbox launched from this session and unregister the magics."""
+    from sandboxnb.notebook.shutdown import unhook_kernel_shutdown
+
     magics = _loaded.pop(id(ip), None)
+    unhook_kernel_shutdown(ip)
     _release_all()
     if magics is None:
         return
@@ -61,39 +68,6 @@ def _release_all() -> None:
     if current is not None:
         current.stop_all()
         state._reset_manager()
-
-
-def _cancel_runs(grace_s: float = 20.0) -> None:
-    """Cancel every background run (``sandboxnb.start``) that has not ended and wait until
-    their sandboxes are released."""
-    import asyncio
-    import sys
-
-    scheduler = sys.modules.get("sandboxnb.scheduler")
-    if scheduler is None:  # never imported: nothing can be running
-        return
-    from sandboxnb.notebook.loop import run_blocking
-
-    runs = scheduler.active_runs()
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Task[Any]]] = {}
-    for run in runs:
-        run.cancel()
-        task = getattr(run, "_task", None)
-        if task is not None and not task.done():
-            by_loop.setdefault(task.get_loop(), []).append(task)
-    for loop, tasks in by_loop.items():
-        if not loop.is_closed():
-            run_blocking(asyncio.wait(tasks, timeout=grace_s), loop=loop)
-
-
-def _at_exit() -> None:
-    """Kernel shutdown / interpreter exit: cancel background runs, stop interactive sandboxes.
-    The kernel loop has stopped by now; it is run here until every teardown finished."""
-    import contextlib
-
-    for step in (_cancel_runs, _release_all):
-        with contextlib.suppress(Exception):
-            step()
 
 
 def launcher(**defaults: Any) -> Any:
