@@ -33,8 +33,12 @@ test: $(VENV)/.dev
 	$(BIN)/pytest
 
 bench: $(VENV)/.dev
+	bash scripts/setup-docker
 	$(BIN)/python benchmarks/spine_micro.py
 	$(BIN)/python benchmarks/humaneval_wall.py
+	$(BIN)/python benchmarks/docker_overhead.py
+	$(BIN)/python benchmarks/cloud_acquire_modal.py
+	$(BIN)/python benchmarks/cloud_acquire_daytona.py
 
 clean:
 	rm -rf $(VENV) results

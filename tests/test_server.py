@@ -200,7 +200,8 @@ def test_exec_streams_before_exit(server):
 def test_exec_argv_cwd_env_stdin_and_token_hidden(server):
     conn = server.client()
     (server.workdir / "sub").mkdir()
-    reply = conn.call("exec", cmd=["sh", "-c", "pwd; echo $FOO; cat; env | grep -c TOKEN || true"],
+    script = "pwd; echo $FOO; cat; env | grep -c SANDBOXNB_TOKEN || true"
+    reply = conn.call("exec", cmd=["sh", "-c", script],
                       cwd="sub", env={"FOO": "bar"}, stdin="from stdin\n")
     assert reply["result"]["exit_code"] == 0
     assert conn.output() == f"{server.workdir / 'sub'}\nbar\nfrom stdin\n0\n"
