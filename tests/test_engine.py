@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -263,3 +264,29 @@ async def test_a_failing_listener_does_not_stop_the_run(caplog):
     await run
     assert run.status == "done" and len(run.rows) == 2 and len(seen) == 2
     assert "display bug" in caplog.text
+
+
+async def test_attach_to_a_running_server_by_url_and_token(tmp_path):
+    """A server started by hand (`python -m sandboxnb.server`) is reachable with attach();
+    leaving the block disconnects but leaves the server running; a wrong token is refused."""
+    from sandboxnb.errors import AuthenticationError
+
+    env = dict(os.environ, SANDBOXNB_TOKEN="s3cret-token")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxnb.server", "--port", "0", "--workdir", str(tmp_path),
+        "--idle-timeout", "30", env=env, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        ready = json.loads((await proc.stdout.readline()).decode().split(" ", 1)[1])
+        url = f"tcp://127.0.0.1:{ready['port']}"
+        async with sandboxnb.attach(url, "s3cret-token") as sb:
+            assert (await sb.exec("echo attached")).stdout == "attached\n"
+        assert proc.returncode is None  # still serving
+        with pytest.raises(AuthenticationError):
+            async with sandboxnb.attach(url, "wrong"):
+                pass
+        async with sandboxnb.attach(url, "s3cret-token") as sb:
+            assert (await sb.python("1 + 1")).value == "2"
+    finally:
+        proc.kill()
+        await proc.wait()
