@@ -370,7 +370,7 @@ class SandboxMagics(Magics):
         async def go() -> Any:
             if oneshot is None:
                 return await body(record.sandbox)
-            from sandboxnb.launch import launch
+            from sandboxnb.interactive import launch
 
             async with launch(oneshot[0], config=oneshot[1]) as sb:
                 return await body(sb)

@@ -171,10 +171,10 @@ class SandboxManager:
         return record.job
 
     async def _hold(self, record: SandboxRecord) -> None:
-        import sandboxnb.launch as launch_mod
+        from sandboxnb.interactive import launch
 
         record._stop = asyncio.Event()
-        async with launch_mod.launch(record.provider, config=record.config) as sb:
+        async with launch(record.provider, config=record.config) as sb:
             record.sandbox = sb
             record.state = "running"
             _resolve(record.ready, result=sb)
