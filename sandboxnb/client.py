@@ -266,7 +266,7 @@ class Sandbox:
                             params = message["params"]
                             callback = self._listeners.get(params.get("id"))
                             if callback is not None:
-                                callback(params.get("stream", "stdout"), params.get("data", ""))
+                                self._deliver(callback, params)
                         continue
                     future = self._pending.pop(message["id"], None)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -284,6 +284,14 @@ class Sandbox:
             reason = f"connection error: {exc}"
         finally:
             self._connection_lost(reason)
+
+    def _deliver(self, callback: Callable[[str, str], None], params: dict[str, Any]) -> None:
+        """Hand streamed output to the caller's callback; a failing callback is logged and
+        never takes the connection down."""
+        try:
+            callback(params.get("stream", "stdout"), params.get("data", ""))
+        except Exception:
+            log.exception("%s: on_output callback %r failed", self._url, callback)
 
     def _connection_lost(self, reason: str) -> None:
         if self._lost is None:

@@ -235,3 +235,16 @@ async def test_unix_socket_url(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+async def test_failing_output_callback_keeps_the_connection(caplog):
+    from sandboxnb.providers.local import LocalProvider
+
+    def broken(stream, data):
+        raise RuntimeError("callback bug")
+
+    async with LocalProvider().sandbox() as ep, await connect(ep) as sb:
+        result = await sb.exec("echo hello", on_output=broken)
+        assert result.stdout == "hello\n"
+        assert (await sb.exec("echo still")).stdout == "still\n"
+    assert "callback bug" in caplog.text
