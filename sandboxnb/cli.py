@@ -1,4 +1,4 @@
-"""Command line: ``sandboxnb run`` and ``sandboxnb providers``, thin over the Python API."""
+"""Command line: ``sandboxnb run``, ``providers`` and ``gc``, thin over the Python API."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub.add_parser("providers", help="list providers: installed, configured, what each supports")
+
+    gc = sub.add_parser(
+        "gc", help="find (and with --delete, release) this user's sandboxes left on a backend"
+    )
+    gc.add_argument("--runtime", action="append", help="provider(s) to check (default: all "
+                    "available ones)")
+    gc.add_argument("--delete", action="store_true",
+                    help="release them (also those in use by a running notebook of yours)")
     return parser
 
 
@@ -54,6 +62,32 @@ def _providers_table() -> str:
         detail = row["supports"] if row["available"] else f"{row['reason']} | {row['supports']}"
         lines.append(f"{row['provider']:<10} {status:<12} {detail}")
     return "\n".join(lines)
+
+
+async def _gc_command(args: argparse.Namespace) -> int:
+    from sandboxnb.providers import describe_providers, get_provider
+
+    rows = {row["provider"]: row for row in describe_providers()}
+    names = args.runtime or [name for name, row in rows.items() if row["available"]]
+    for name in names:
+        if name not in rows:
+            raise UsageError(f"--runtime {name!r}: not a known provider; accepted: "
+                             f"{', '.join(rows)}")
+        if not rows[name]["available"]:
+            raise UsageError(f"--runtime {name!r} is unavailable: {rows[name]['reason']}")
+    found_any = False
+    for name in names:
+        provider = get_provider(name)
+        try:
+            ids = await (provider.reap() if args.delete else provider.live_sandboxes())
+        finally:
+            await provider.aclose()
+        found_any = found_any or bool(ids)
+        verb = "released" if args.delete else "found"
+        print(f"{name}: {verb} {len(ids)} sandbox(es)" + (f": {', '.join(ids)}" if ids else ""))
+    if found_any and not args.delete:
+        print("run `sandboxnb gc --delete` to release them")
+    return 0
 
 
 async def _run_command(args: argparse.Namespace) -> int:
@@ -113,8 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sandboxnb.config import ConfigError
     from sandboxnb.tasks import TaskError
 
+    command = _gc_command if args.command == "gc" else _run_command
     try:
-        return asyncio.run(_run_command(args))
+        return asyncio.run(command(args))
     except (
         UsageError,
         ConfigError,

@@ -84,6 +84,11 @@ class Provider(abc.ABC):
         """Ids of sandboxes of ours this provider can still find (leak checks and ``gc``)."""
         return []
 
+    async def reap(self) -> list[str]:
+        """Release every sandbox of this owner the backend still has (``sandboxnb gc``); return
+        their ids. Providers whose sandboxes cannot outlive their owner keep this default."""
+        return []
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release shared resources (clients, connection pools). Sandboxes are released already."""
 
