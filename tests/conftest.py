@@ -27,7 +27,8 @@ def _become_subreaper() -> None:
 _become_subreaper()
 
 
-def _descendants(root: int) -> set[int]:
+def descendants(root: int) -> set[int]:
+    """Pids of every process below ``root`` (by parent links in /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -50,7 +51,7 @@ def _descendants(root: int) -> set[int]:
 def sandbox_server_pids() -> set[int]:
     """Pids of sandboxnb servers (local, emulated or shipped) started by this test process."""
     pids = set()
-    for pid in _descendants(os.getpid()):
+    for pid in descendants(os.getpid()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
@@ -88,6 +89,11 @@ def sandbox_containers() -> set[str]:
 
 def _alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)}
+
+
+def live_sandbox_servers() -> set[int]:
+    """Sandbox servers started by this test process that are still running (not zombies)."""
+    return _alive(sandbox_server_pids())
 
 
 @pytest.fixture(autouse=True)

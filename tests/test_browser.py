@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _alive, sandbox_server_pids
+from tests.conftest import _alive, descendants, sandbox_server_pids
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -32,22 +32,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
 
 
 def _reap_browser_children() -> None:
@@ -145,7 +129,7 @@ def jupyterlab(tmp_path):
                 _get(f"{base}/api/kernels/{kernel['id']}", method="DELETE", timeout=30)
         except OSError:
             pass
-        tree = _descendants(proc.pid) | {proc.pid}
+        tree = descendants(proc.pid) | {proc.pid}
         with_servers = tree & sandbox_server_pids()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -224,7 +208,7 @@ def _drive_browser(base, server, shots, tmp_path, expect, sync_playwright, Playw
             expect(row).to_contain_text("running", timeout=90_000)
             expect(row).to_contain_text("local")
             page.screenshot(path=str(shots / "2-running.png"))
-            servers = _alive(sandbox_server_pids()) & _descendants(server.pid)
+            servers = _alive(sandbox_server_pids()) & descendants(server.pid)
             assert len(servers) >= 1, "no sandbox server runs under the kernel"
 
             row.locator(".sandboxnb-stop").click()

@@ -14,29 +14,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from sandboxnb.notebook.magics import RemoteCellError, RemoteValue
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable
 from sandboxnb.notebook.state import SandboxHandle, manager
-from tests.conftest import _alive, sandbox_server_pids
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def own_servers() -> set[int]:
-    """Live sandbox servers descending from this process (other work on the machine ignored)."""
-    me, found = os.getpid(), set()
-    for pid in _alive(sandbox_server_pids()):
-        cur = pid
-        for _ in range(10):
-            cur = _ppid(cur)
-            if cur in (me, 0, 1):
-                break
-        if cur == me:
-            found.add(pid)
-    return found
+from tests.conftest import live_sandbox_servers
 
 
 @pytest.fixture
@@ -139,7 +117,7 @@ def test_line_usage_errors(ip, line, match):
     with pytest.raises(UsageError, match=match):
         ip.run_line_magic("sandbox", line)
     assert manager().records() == []
-    assert own_servers() == set()
+    assert live_sandbox_servers() == set()
 
 
 def test_cell_usage_errors(ip):
@@ -195,9 +173,9 @@ def test_one_shot_cells_leave_nothing(ip, capsys):
     assert "one-shot" in capsys.readouterr().out
     assert repr(ip.run_cell_magic("sandbox", "", "6 * 7")) == "42"
     deadline = time.monotonic() + 5
-    while own_servers() and time.monotonic() < deadline:
+    while live_sandbox_servers() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert own_servers() == set()
+    assert live_sandbox_servers() == set()
     assert manager().records() == []
 
 
@@ -238,12 +216,12 @@ def test_unload_releases_every_sandbox():
     shell.run_line_magic("load_ext", "sandboxnb")
     shell.run_line_magic("sandbox", "launch --name a")
     shell.run_line_magic("sandbox", "launch --name b")
-    assert len(own_servers()) >= 2
+    assert len(live_sandbox_servers()) >= 2
     shell.run_line_magic("unload_ext", "sandboxnb")
     deadline = time.monotonic() + 5
-    while own_servers() and time.monotonic() < deadline:
+    while live_sandbox_servers() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert own_servers() == set()
+    assert live_sandbox_servers() == set()
     assert "a" not in shell.user_ns and "b" not in shell.user_ns
     assert "sandbox" not in shell.magics_manager.magics["line"]
     assert "sandbox" not in shell.magics_manager.magics["cell"]

@@ -14,7 +14,7 @@ import pytest
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
-from tests.conftest import _alive, sandbox_server_pids
+from tests.conftest import _alive, descendants, live_sandbox_servers, sandbox_server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -32,26 +32,6 @@ def no_account(monkeypatch, tmp_path):
     return tmp_path
 
 
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def _own_servers() -> set[int]:
-    return _alive(sandbox_server_pids()) & _descendants(os.getpid())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, no_account):
@@ -62,7 +42,7 @@ def test_notebook_runs_top_to_bottom(path, no_account):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
-    assert not _own_servers()
+    assert not live_sandbox_servers()
     if path.stem == "quickstart":
         text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
                          for c in nb.cells if c.cell_type == "code" for o in c.outputs)
@@ -80,7 +60,7 @@ def _execute(kc, code: str, timeout: float = 120) -> dict:
 def _wait_for_processes(text: str, timeout: float = 30) -> set[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = {pid for pid in _descendants(os.getpid()) if text in _cmdline(pid)}
+        found = {pid for pid in descendants(os.getpid()) if text in _cmdline(pid)}
         if found:
             return found
         time.sleep(0.05)
@@ -116,10 +96,10 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         assert _execute(kc, setup)["status"] == "ok"
         kernel_pid = km.provisioner.pid
         # 1) a one-shot Python cell: the whole sandbox must go away
-        servers_before = _alive(sandbox_server_pids()) & _descendants(kernel_pid)
+        servers_before = _alive(sandbox_server_pids()) & descendants(kernel_pid)
         msg_id = kc.execute("%%sandbox local\nimport time\ntime.sleep(1000)")
         deadline = time.monotonic() + 30
-        while (_alive(sandbox_server_pids()) & _descendants(kernel_pid)) == servers_before:
+        while (_alive(sandbox_server_pids()) & descendants(kernel_pid)) == servers_before:
             assert time.monotonic() < deadline, "one-shot sandbox never started"
             time.sleep(0.05)
         time.sleep(1.0)  # let the cell reach time.sleep
@@ -127,7 +107,7 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
         assert took < 10, f"interrupt took {took:.1f}s"
         deadline = time.monotonic() + 5
-        while (_alive(sandbox_server_pids()) & _descendants(kernel_pid)) != servers_before:
+        while (_alive(sandbox_server_pids()) & descendants(kernel_pid)) != servers_before:
             assert time.monotonic() < deadline, "the one-shot sandbox survived the interrupt"
             time.sleep(0.05)
         # 2) a Python cell in the interactive sandbox: the worker stops, the namespace survives
@@ -150,11 +130,11 @@ def test_interrupt_cancels_sandbox_cell(no_account):
                                        output_hook=lambda msg: None)
         assert reply["content"]["status"] == "ok"
         assert _execute(kc, "%unload_ext sandboxnb")["status"] == "ok"
-        assert not (_alive(sandbox_server_pids()) & _descendants(kernel_pid))
+        assert not (_alive(sandbox_server_pids()) & descendants(kernel_pid))
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
-    assert not _own_servers()
+    assert not live_sandbox_servers()
 
 
 @contextlib.contextmanager
@@ -238,8 +218,8 @@ def test_sandboxes_live_on_the_kernel_loop(no_account):
         text = _ok(kc, "print('after:', (await sb.exec('echo ok')).stdout.strip())\n"
                        "%sandbox stop --all")
         assert "after: ok" in text
-        assert not (_alive(sandbox_server_pids()) & _descendants(km.provisioner.pid))
-    assert not _own_servers()
+        assert not (_alive(sandbox_server_pids()) & descendants(km.provisioner.pid))
+    assert not live_sandbox_servers()
 
 
 @pytest.mark.slow
@@ -261,13 +241,13 @@ async def slow(sandbox, task):
 run = sandboxnb.start(Taskset(list(humaneval.load())[:5], name='h5'), slow, 'local',
                       max_concurrent=2, journal={str(journal)!r})""")
         deadline = time.monotonic() + 30
-        while len(_alive(sandbox_server_pids()) & _descendants(kernel_pid)) < 2:
+        while len(_alive(sandbox_server_pids()) & descendants(kernel_pid)) < 2:
             assert time.monotonic() < deadline, "the run's sandboxes never started"
             time.sleep(0.05)
         time.sleep(0.5)  # let both rollouts reach the agent's sleep
         km.shutdown_kernel(now=False)
         assert not km.is_alive()
     # checked at once: the sandboxes went away with the kernel, not after it
-    assert not _alive(sandbox_server_pids() - {os.getpid()}) & _descendants(os.getpid())
+    assert not _alive(sandbox_server_pids() - {os.getpid()}) & descendants(os.getpid())
     rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     assert [r["status"] for r in rows] == ["cancelled", "cancelled"], rows

@@ -6,7 +6,6 @@ as they do from a kernel subshell."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
@@ -18,29 +17,7 @@ from sandboxnb.notebook.controllers import LauncherController
 from sandboxnb.notebook.widgets import Launcher, Monitor
 from sandboxnb.tasks import Taskset
 from sandboxnb.tasksets import humaneval
-from tests.conftest import _alive, sandbox_server_pids
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def own_servers() -> set[int]:
-    """Live sandbox servers descending from this process (other work on the machine ignored)."""
-    me, found = os.getpid(), set()
-    for pid in _alive(sandbox_server_pids()):
-        cur = pid
-        for _ in range(10):
-            cur = _ppid(cur)
-            if cur in (me, 0, 1):
-                break
-        if cur == me:
-            found.add(pid)
-    return found
+from tests.conftest import live_sandbox_servers
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +97,7 @@ def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     assert "nothing was started" in ui.status.value
     assert state.manager().records() == [] and _rows(ui) == []
     time.sleep(0.2)
-    assert own_servers() == set()
+    assert live_sandbox_servers() == set()
     # fixing the field clears the message on the next click (and launches)
     fixed = {"cpu": 1.0, "memory_mb": 256, "gpu_type": "", "gpu_count": 1, "timeout": 0.0}
     getattr(ui, field).value = fixed[field]
@@ -138,7 +115,7 @@ def test_launch_and_stop_buttons_drive_real_sandboxes():
     ui.launch_button.click()
     _wait(lambda: len(_rows(ui)) == 2 and all("running" in _row_text(r) for r in _rows(ui)),
           what="two running rows")
-    assert len(own_servers()) == 2
+    assert len(live_sandbox_servers()) == 2
     records = state.manager().records()
     assert {r.name for r in records} == {"sb1", "sb2"}
     first = _rows(ui)[0]
@@ -149,10 +126,10 @@ def test_launch_and_stop_buttons_drive_real_sandboxes():
     first.children[-1].click()
     _wait(lambda: len(_rows(ui)) == 1, what="row removed")
     assert "sb2" in _rows(ui)[0].children[0].value
-    _wait(lambda: len(own_servers()) == 1, what="server exit")
+    _wait(lambda: len(live_sandbox_servers()) == 1, what="server exit")
     _rows(ui)[0].children[-1].click()
     _wait(lambda: _rows(ui) == [], what="table empty")
-    _wait(lambda: not own_servers(), what="all servers gone")
+    _wait(lambda: not live_sandbox_servers(), what="all servers gone")
 
 
 def test_launcher_and_magics_share_sandboxes():
@@ -222,6 +199,6 @@ def test_monitor_cancel_stops_the_run_cleanly():
         _wait(lambda: run.done, timeout=30, what="cancelled")
         assert run.status == "cancelled" and len(run.rows) < 40
         _wait(lambda: "cancelled" in mon.status.value, what="monitor shows cancelled")
-        _wait(lambda: not own_servers(), what="sandboxes released")
+        _wait(lambda: not live_sandbox_servers(), what="sandboxes released")
     finally:
         _finish(run)
