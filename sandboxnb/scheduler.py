@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -200,6 +201,24 @@ class Run:
         from html import escape
 
         return f"<b>sandboxnb run</b> <code>{escape(self.name)}</code>: {escape(self.summary())}"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """In a Jupyter kernel with ipywidgets, a run displays as its live monitor; elsewhere
+        as the one-line summary. Never blocks."""
+        bundle = {"text/plain": repr(self), "text/html": self._repr_html_()}
+        if _in_kernel():
+            try:
+                from sandboxnb.notebook import monitor
+
+                bundle = monitor(self)._repr_mimebundle_() | bundle
+            except ImportError:  # the notebook extra is not installed
+                pass
+        return bundle
+
+
+def _in_kernel() -> bool:
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return getattr(shell, "kernel", None) is not None
 
 
 def _is_number(value: Any) -> bool:

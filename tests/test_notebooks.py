@@ -251,3 +251,26 @@ run = sandboxnb.start(Taskset(list(humaneval.load())[:5], name='h5'), slow, 'loc
     assert not _alive(sandbox_server_pids() - {os.getpid()}) & descendants(os.getpid())
     rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     assert [r["status"] for r in rows] == ["cancelled", "cancelled"], rows
+
+
+def test_background_run_displays_as_live_monitor(no_account):
+    """`run = sandboxnb.start(...)`, then `run` as a cell's value shows the monitor widget; the
+    user keeps executing cells while it runs, and `await run` collects it."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in (
+        "import sandboxnb\n"
+        "tasks = sandboxnb.Taskset.load('humaneval').select('HumanEval/1?')\n"
+        "run = sandboxnb.start(tasks, 'oracle', max_concurrent=2, journal=None)",
+        "run",
+        "print('another cell while it runs:', run.status in ('running', 'done'))",
+        "await run\nprint(run.summary())",
+    )]
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(no_account)}})
+    client.execute()
+    shown = nb.cells[1].outputs[0]["data"]
+    assert "application/vnd.jupyter.widget-view+json" in shown
+    assert "text/plain" in shown and "<Run humaneval" in shown["text/plain"]
+    assert "another cell while it runs: True" in nb.cells[2].outputs[0]["text"]
+    assert "10/10 rollouts (ok 10); mean reward 1.000" in nb.cells[3].outputs[0]["text"]
+    assert not live_sandbox_servers()
