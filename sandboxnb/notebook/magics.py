@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import queue
 import sys
-import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -19,7 +18,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Float, Int, Unicode
 
 from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
-from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows, run_html
+from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows
 from sandboxnb.notebook.state import SandboxHandle, SandboxManager, manager
 
 __all__ = ["RemoteCellError", "RemoteValue", "SandboxMagics"]
@@ -258,8 +257,9 @@ class SandboxMagics(Magics):
         return ProvidersTable(provider_rows())
 
     def _cmd_run(self, args: argparse.Namespace) -> Any:
-        from IPython.display import HTML, display
+        from IPython.display import display
 
+        from sandboxnb.notebook import monitor
         from sandboxnb.scheduler import start
         from sandboxnb.tasks import Taskset
 
@@ -291,9 +291,11 @@ class SandboxMagics(Magics):
             run = start(
                 tasks, agent, runtime, config=config_from_flat(**flat),
                 max_concurrent=args.max_concurrent or self.max_concurrent,
-                repeats=args.repeats, timeout_s=args.rollout_timeout, journal=args.journal,
+                repeats=args.repeats, timeout_s=args.rollout_timeout,
+                journal=args.journal or "auto",
             )
             holder["run"] = run
+            display(monitor(run))  # live: progress, counts, mean reward, histogram
             try:
                 return await run
             except BaseException:
@@ -304,28 +306,13 @@ class SandboxMagics(Magics):
                     await asyncio.gather(run._task, return_exceptions=True)
                 raise
 
-        handle = display(HTML("<i>starting run...</i>"), display_id=True)
-        last = {"n": -1, "t": 0.0}
-
-        def tick() -> None:
-            run = holder.get("run")
-            if run is None or handle is None:
-                return
-            now = time.monotonic()
-            if len(run.rows) != last["n"] and now - last["t"] > 0.3:
-                last["n"], last["t"] = len(run.rows), now
-                handle.update(HTML(run_html(run)))
-
         try:
-            run = run_blocking(go(), on_tick=tick, tick_s=0.1)
+            run = run_blocking(go())
         except (ValueError, FileExistsError, FileNotFoundError) as err:
             if "run" in holder:
                 raise
             raise UsageError(str(err)) from None
-        finally:
-            run_now = holder.get("run")
-            if run_now is not None and handle is not None:
-                handle.update(HTML(run_html(run_now)))
+        print(run.summary() + (f"; journal {run.journal_path}" if run.journal_path else ""))
         if args.output:
             ns[args.output] = run.to_pandas()
             print(f"{len(run.rows)} rows -> {args.output} (a pandas DataFrame)")
