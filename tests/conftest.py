@@ -87,8 +87,13 @@ def sandbox_containers() -> set[str]:
     return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not reaped, counts as gone)."""
+    return os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)
+
+
 def _alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)}
+    return {pid for pid in pids if pid_alive(pid)}
 
 
 def live_sandbox_servers() -> set[int]:

@@ -23,6 +23,8 @@ from sandboxnb.errors import (
 )
 from sandboxnb.server import bundle_path
 
+from .conftest import pid_alive
+
 TOKEN = "client-test-token"
 
 
@@ -48,14 +50,6 @@ def server(tmp_path):
     proc.stdout.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def _wait_file(path, within=5.0) -> str:
     deadline = time.monotonic() + within
     while not (path.exists() and path.read_text().strip()):
@@ -66,7 +60,7 @@ async def _wait_file(path, within=5.0) -> str:
 
 async def _wait_dead(pid: int, within=5.0) -> bool:
     deadline = time.monotonic() + within
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.05)

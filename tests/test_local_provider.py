@@ -18,15 +18,7 @@ from sandboxnb.providers import get_provider
 from sandboxnb.providers.base import ProviderError
 from sandboxnb.providers.local import LocalProvider
 
-from .conftest import sandbox_server_pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from .conftest import pid_alive, sandbox_server_pids
 
 
 @pytest.fixture
@@ -35,7 +27,7 @@ def provider(tmp_path):
 
 
 def _gone(endpoint, tmp_path) -> bool:
-    return not _alive(endpoint.meta["pid"]) and not any(tmp_path.iterdir())
+    return not pid_alive(endpoint.meta["pid"]) and not any(tmp_path.iterdir())
 
 
 async def test_success_path_cleans_up(provider, tmp_path):
@@ -63,7 +55,7 @@ async def test_error_path_cleans_up_children_too(provider, tmp_path):
             raise RuntimeError("boom")
     assert _gone(ep, tmp_path)
     await asyncio.sleep(0.1)
-    assert not _alive(worker)
+    assert not pid_alive(worker)
     await sb.close()
 
 
@@ -142,9 +134,9 @@ async def test_run_timeout_kills_the_sandbox(provider, tmp_path):
         with pytest.raises(ConnectionLost):
             await sb.exec("echo $$ > pid; exec sleep 30")
         child = int(Path(ep.meta["workdir"], "pid").read_text())  # noqa: ASYNC240
-        assert not _alive(ep.meta["pid"])
+        assert not pid_alive(ep.meta["pid"])
         await asyncio.sleep(0.2)
-        assert not _alive(child)
+        assert not pid_alive(child)
         await sb.close()
     assert not any(tmp_path.iterdir())
 
@@ -183,7 +175,7 @@ async def test_namespaces_isolation(tmp_path):
             net = await sb.exec(["python3", "-c",
                                  "import socket; socket.create_connection(('1.1.1.1', 80), 1)"])
             assert net.exit_code != 0  # no network
-    assert not _alive(ep.meta["pid"]) and not any(tmp_path.iterdir())
+    assert not pid_alive(ep.meta["pid"]) and not any(tmp_path.iterdir())
 
 
 async def test_concurrent_sandboxes(provider, tmp_path):

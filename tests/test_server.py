@@ -16,6 +16,8 @@ import pytest
 from sandboxnb import protocol as P
 from sandboxnb.server import bundle_path
 
+from .conftest import pid_alive
+
 TOKEN = "s3cret-token"
 
 
@@ -104,18 +106,10 @@ def server(tmp_path):
     srv.stop()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_dead(pids, within=5.0) -> list[int]:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
+        alive = [p for p in pids if pid_alive(p)]
         if not alive:
             return []
         time.sleep(0.05)
