@@ -36,6 +36,7 @@ bench: $(VENV)/.dev
 	bash scripts/setup-docker
 	$(BIN)/python benchmarks/spine_micro.py
 	$(BIN)/python benchmarks/humaneval_wall.py
+	$(BIN)/python benchmarks/scale_local.py
 	$(BIN)/python benchmarks/docker_overhead.py
 	$(BIN)/python benchmarks/cloud_acquire_modal.py
 	$(BIN)/python benchmarks/cloud_acquire_daytona.py
