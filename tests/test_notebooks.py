@@ -86,12 +86,7 @@ def _interrupt_and_time(km, kc, msg_id: str) -> tuple[float, dict]:
 
 @pytest.mark.slow
 def test_interrupt_cancels_sandbox_cell(no_account):
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with _kernel() as (km, kc):
         setup = "%load_ext sandboxnb\n%sandbox launch local --name sb"
         assert _execute(kc, setup)["status"] == "ok"
         kernel_pid = km.provisioner.pid
@@ -131,9 +126,6 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         assert reply["content"]["status"] == "ok"
         assert _execute(kc, "%unload_ext sandboxnb")["status"] == "ok"
         assert not (_alive(sandbox_server_pids()) & descendants(kernel_pid))
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
     assert not live_sandbox_servers()
 
 
