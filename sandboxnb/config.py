@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sandboxnb.errors import ConfigError, UnsupportedFieldError
+
 __all__ = [
     "GPU",
     "ConfigError",
@@ -27,22 +29,6 @@ __all__ = [
 ]
 
 _GPU_SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.\-]*)\s*(?::\s*(\d+))?\s*$")
-
-
-class ConfigError(ValueError):
-    """A configuration value was rejected; the message names field, value and what is accepted."""
-
-
-class UnsupportedFieldError(ConfigError):
-    """A provider was asked for a field it cannot honour."""
-
-    def __init__(self, provider: str, field: str, value: Any, supported: Iterable[str]) -> None:
-        self.provider, self.field, self.value = provider, field, value
-        shown = str(value) if isinstance(value, BaseModel) else repr(value)
-        accepted = ", ".join(sorted(supported)) or "none"
-        super().__init__(
-            f"{provider} does not support {field} (got {shown}); {provider} honours: {accepted}"
-        )
 
 
 class _Model(BaseModel):

@@ -1,4 +1,10 @@
-"""Exceptions raised by the sandboxnb client."""
+"""Every exception sandboxnb raises derives from :class:`SandboxnbError`.
+
+Each subclass also derives from the matching builtin, so ``except ValueError`` or
+``except TimeoutError`` keep working: a :class:`ConfigError` is a ``ValueError``, a
+:class:`SandboxTimeout` and a :class:`StartupTimeout` are ``TimeoutError``. Messages are built
+once, final, by the raiser.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,52 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "ConfigError",
     "ConnectionLost",
     "ProtocolError",
+    "ProviderError",
     "RemoteError",
     "RemotePythonError",
     "SandboxError",
     "SandboxTimeout",
+    "SandboxnbError",
+    "StartupTimeout",
+    "UnsupportedFieldError",
 ]
 
 
-class SandboxError(Exception):
-    """Base class of every sandboxnb client error."""
+class SandboxnbError(Exception):
+    """The root of every sandboxnb exception."""
+
+
+class ConfigError(SandboxnbError, ValueError):
+    """A configuration value was rejected; the message names field, value and what is accepted."""
+
+
+class UnsupportedFieldError(ConfigError):
+    """A provider was asked for a config field it cannot honour."""
+
+    def __init__(self, provider: str, field: str, value: Any, supported: Any,
+                 message: str | None = None) -> None:
+        self.provider, self.field, self.value = provider, field, value
+        if message is None:
+            shown = str(value) if hasattr(value, "model_dump") else repr(value)
+            accepted = ", ".join(sorted(supported)) or "none"
+            message = (f"{provider} does not support {field} (got {shown}); "
+                       f"{provider} honours: {accepted}")
+        super().__init__(message)
+
+
+class ProviderError(SandboxnbError, RuntimeError):
+    """A provider failed to acquire, reach or release a sandbox."""
+
+
+class StartupTimeout(ProviderError, TimeoutError):
+    """A sandbox was not ready within ``limits.startup_timeout_s``."""
+
+
+class SandboxError(SandboxnbError):
+    """Base class of every error of a connected sandbox (the client)."""
 
 
 class AuthenticationError(SandboxError):

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 USAGE = (
     "usage: python3 -m sandboxnb.server [--host 127.0.0.1] [--port 0] [--unix PATH] "
     "[--sandbox-id ID] [--idle-timeout S] [--startup-timeout S] [--memory-mb N] "
-    "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N] [--owner-pid PID]\n"
+    "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N] [--owner-pid PID] "
+    "[--listen-fd FD]\n"
     "The token is read from env SANDBOXNB_TOKEN (required)."
 )
 _OPTIONS = {
@@ -51,6 +52,7 @@ _OPTIONS = {
     "--max-frame-bytes": int,
     "--max-file-bytes": int,
     "--owner-pid": int,
+    "--listen-fd": int,
 }
 
 
@@ -68,7 +70,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         "host": "127.0.0.1", "port": 0, "unix": None, "sandbox_id": None,
         "idle_timeout": 300.0, "startup_timeout": 60.0, "memory_mb": None, "workdir": None,
         "max_frame_bytes": P.MAX_FRAME_BYTES, "max_file_bytes": P.MAX_FILE_BYTES,
-        "owner_pid": None,
+        "owner_pid": None, "listen_fd": None,
     }
     i = 0
     while i < len(argv):
@@ -996,6 +998,10 @@ def _python_call(worker: PythonWorker, job: _Job, mailbox: Any, code: str,
 
 
 def _listen(opts: dict[str, Any]) -> tuple[Any, int | None]:
+    if opts["listen_fd"] is not None:  # a listening socket inherited from the launcher
+        sock = _socket.socket(fileno=opts["listen_fd"])
+        name = sock.getsockname()
+        return sock, name[1] if isinstance(name, tuple) else None
     if opts["unix"]:
         path = opts["unix"]
         try:
