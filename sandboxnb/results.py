@@ -1,18 +1,25 @@
-"""Result rows: the crash-safe journal (JSONL, fsynced per row) and the tidy DataFrame."""
+"""Result rows and the statistics over them.
+
+:class:`Results` is the one implementation of "rows so far, counts by status, mean reward, tidy
+DataFrame": a live :class:`~sandboxnb.scheduler.Run` holds one, :func:`sandboxnb.load` returns
+one read from a journal, and the monitor widget and the CLI read theirs.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from sandboxnb.journal import encode_row, read_journal
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COLUMNS", "Journal", "read_journal", "rows_to_frame", "write_rows"]
+__all__ = ["COLUMNS", "Results", "load", "rows_to_frame", "write_rows"]
 
 COLUMNS = [
     "run_id",
@@ -36,71 +43,102 @@ COLUMNS = [
     "info",
 ]
 _CATEGORICAL = ["provider", "status", "image", "gpu"]
+_STATUSES = ["ok", "error", "timeout", "cancelled"]
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+def is_reward(value: Any) -> bool:
+    """True for a graded reward: a real number that is not NaN (``None``/NaN mean ungraded)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def _encode(row: dict[str, Any]) -> str:
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-    return json.dumps(clean, default=_json_default, allow_nan=False) + "\n"
+class Results:
+    """Rollout rows (dicts with the :data:`COLUMNS` keys) and the statistics over them.
 
-
-class Journal:
-    """Appends rows to a JSONL file, each flushed and fsynced before the next is written.
-
-    Writes happen on one background thread so the event loop never waits on the disk.
+    Rows are only ever appended (on the event loop thread of a live run); every reader works on
+    a snapshot, so reading from another thread (a widget callback) is safe.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxnb-journal")
+    def __init__(
+        self,
+        rows: Iterable[dict[str, Any]] = (),
+        *,
+        total: int | None = None,
+        name: str = "results",
+    ) -> None:
+        self._rows: list[dict[str, Any]] = list(rows)
+        self._total = total
+        self.name = name
 
-    def _write(self, line: str) -> None:
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    # -- rows ------------------------------------------------------------------------------
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows in the order they finished (the live list: treat it as read-only)."""
+        return self._rows
 
-    def append(self, row: dict[str, Any]) -> None:
-        """Queue ``row`` for a durable append (order is preserved)."""
-        line = _encode(row)
-        try:
-            self._writer.submit(self._write, line)
-        except RuntimeError:  # interpreter shutting down: thread pools refuse work
-            self._writer.shutdown(wait=True)  # keep the order: drain what was queued first
-            self._write(line)
+    def add(self, row: dict[str, Any]) -> None:
+        """Append one finished rollout's row."""
+        self._rows.append(row)
 
-    def close(self) -> None:
-        """Wait for every queued row to be on disk, then close the file."""
-        self._writer.shutdown(wait=True)
-        if not self._file.closed:
-            self._file.close()
+    @property
+    def total(self) -> int:
+        """Rollouts expected in all (at least the rows held)."""
+        return max(self._total or 0, len(self._rows))
+
+    @property
+    def run_id(self) -> str | None:
+        return self._rows[0].get("run_id") if self._rows else None
+
+    @property
+    def provider(self) -> str | None:
+        return self._rows[0].get("provider") if self._rows else None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(list(self._rows))
+
+    # -- statistics ------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Number of rows by status, in alphabetical order of status."""
+        return dict(sorted(Counter(row.get("status") for row in list(self._rows)).items()))
+
+    def rewards(self) -> list[float]:
+        """The rewards of graded rows, in row order."""
+        return [float(r["reward"]) for r in list(self._rows) if is_reward(r.get("reward"))]
+
+    def mean_reward(self) -> float:
+        """Mean reward over graded rows (NaN if none)."""
+        rewards = self.rewards()
+        return sum(rewards) / len(rewards) if rewards else math.nan
+
+    def newest(self, n: int = 5) -> list[dict[str, Any]]:
+        """The ``n`` most recently finished rows, newest first."""
+        return list(self._rows[-n:])[::-1] if n > 0 else []
+
+    def summary(self) -> str:
+        """One line: rows of total, rows by status, mean reward."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items()) or "no rows"
+        mean = self.mean_reward()
+        mean_s = "-" if math.isnan(mean) else f"{mean:.3f}"
+        return f"{len(self._rows)}/{self.total} rollouts ({counts}); mean reward {mean_s}"
+
+    # -- export ----------------------------------------------------------------------------
+    def to_pandas(self) -> pd.DataFrame:
+        """The rows as a tidy DataFrame (see :func:`rows_to_frame`)."""
+        return rows_to_frame(list(self._rows))
+
+    def write(self, path: str | Path) -> Path:
+        """Write the rows to ``path`` as .jsonl, .csv or .parquet (by extension)."""
+        return write_rows(list(self._rows), path)
+
+    def __repr__(self) -> str:
+        return f"<Results {self.name}: {self.summary()}>"
 
 
-def read_journal(path: str | Path) -> list[dict[str, Any]]:
-    """Read every row of a journal; a torn last line (a crash mid-write) is skipped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise FileNotFoundError(f"journal {str(path)!r} cannot be read: {err.strerror}") from None
-    rows = []
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):
-                break  # torn final write
-            raise ValueError(f"{path}:{number}: not a journal row (invalid JSON)") from None
-    return rows
+def load(journal: str | Path) -> Results:
+    """Read a journal back into :class:`Results` (a torn last line is skipped)."""
+    return Results(read_journal(journal), name=Path(journal).stem)
 
 
 def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -116,7 +154,7 @@ def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame["started_at"] = pd.to_datetime(frame["started_at"], utc=True, format="ISO8601")
     for col in _CATEGORICAL:
         frame[col] = frame[col].astype("category")
-    frame["status"] = frame["status"].cat.set_categories(["ok", "error", "timeout", "cancelled"])
+    frame["status"] = frame["status"].cat.set_categories(_STATUSES)
     return frame
 
 
@@ -131,7 +169,7 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".jsonl":
-        path.write_text("".join(_encode(row) for row in rows), encoding="utf-8")
+        path.write_text("".join(encode_row(row) for row in rows), encoding="utf-8")
         return path
     frame = rows_to_frame(rows)
     frame["info"] = frame["info"].map(lambda v: json.dumps(v, default=str))

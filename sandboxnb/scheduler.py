@@ -1,163 +1,212 @@
-"""The scheduler: many rollouts, each in a fresh sandbox, bounded concurrency, live rows.
+"""The user's handle on a run, and the entry points ``run`` / ``start``.
 
 ``await run(...)`` waits for the whole run; ``start(...)`` returns the :class:`Run` at once with
 its work scheduled on the running event loop (a notebook keeps executing cells meanwhile).
-Everything is validated before the first sandbox starts. Cancelling a run (or an error in the
-scheduler itself) releases every sandbox before the run reports that it ended.
+The pieces behind it: :mod:`sandboxnb.plan` validates and plans (before any sandbox starts),
+:mod:`sandboxnb.runner` executes with bounded, structured concurrency, :mod:`sandboxnb.results`
+holds the rows and their statistics, :mod:`sandboxnb.journal` makes each row durable.
+Cancelling a run (or an error in the engine itself) releases every sandbox before the run
+reports that it ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-import math
-import os
-import sys
+import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandboxnb.agents import Agent, resolve_agent
-from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
-from sandboxnb.providers import Provider, get_provider
-from sandboxnb.results import Journal, read_journal, rows_to_frame
-from sandboxnb.rollout import rollout
+from sandboxnb.agents import Agent
+from sandboxnb.config import RuntimeConfig
+from sandboxnb.journal import Journal
+from sandboxnb.plan import Plan, make_plan
+from sandboxnb.providers import Provider
+from sandboxnb.results import Results
+from sandboxnb.runner import execute
 from sandboxnb.tasks import Task, Taskset
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Run", "active_runs", "load", "run", "start"]
+__all__ = ["Run", "active_runs", "run", "start"]
 
 log = logging.getLogger("sandboxnb.scheduler")
 Listener = Callable[[dict[str, Any]], None]
+DoneCallback = Callable[["Run"], None]
+#: the statuses of a run that has ended (everything released, journal closed)
+ENDED = ("done", "cancelled", "failed")
 _ACTIVE: set[Run] = set()
 
 
 def active_runs() -> list[Run]:
-    """Runs scheduled in this process that have not ended (for shutdown hooks and monitors)."""
+    """Runs started in this process that have not ended (for shutdown hooks and monitors)."""
     return list(_ACTIVE)
 
 
 class Run:
-    """A set of rollouts and their rows, live while it executes and loadable afterwards."""
+    """A run of a :class:`~sandboxnb.plan.Plan`: its status, its rows as they arrive and the way
+    to wait for, observe or cancel its end.
 
-    def __init__(
-        self,
-        plan: list[tuple[Task, int, RuntimeConfig]],
-        agent: Agent | None,
-        provider: Provider | None,
-        *,
-        max_concurrent: int = 8,
-        timeout_s: float | None = None,
-        journal: Journal | None = None,
-        owns_provider: bool = False,
-        rows: list[dict[str, Any]] | None = None,
-        name: str = "run",
-    ) -> None:
+    ``status`` is ``pending``, ``running``, then one of ``done``, ``cancelled``, ``failed``; it
+    takes its final value only once every sandbox is released and the journal is closed.
+    """
+
+    def __init__(self, plan: Plan) -> None:
         self.id = uuid.uuid4().hex[:12]
-        self.name = name
-        self.rows: list[dict[str, Any]] = list(rows or [])
-        self.status = "pending" if plan else "done"
-        self.total = len(plan) + len(self.rows)
-        self.max_concurrent = max_concurrent
-        self.timeout_s = timeout_s
-        self.provider_name = provider.name if provider else None
+        self.plan = plan
+        self.name = plan.name
+        self.results = Results(plan.previous, total=plan.total, name=plan.name)
+        self.status = "pending" if plan.rollouts else "done"
+        self.provider_name = plan.provider.name
+        self.journal_path: Path | None = plan.journal
         self.started_at: datetime | None = None
         self.wall_s: float | None = None
         self.error: BaseException | None = None
-        self._plan = plan
-        self._agent = agent
-        self._provider = provider
-        self._owns_provider = owns_provider
-        self._journal = journal
-        self.journal_path: Path | None = journal.path if journal else None
+        self._journal: Journal | None = None
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self._done_callbacks: list[DoneCallback] = []
+        self._ended: concurrent.futures.Future[Run] = concurrent.futures.Future()
+        self._ended.set_running_or_notify_cancel()  # only _finish completes it
+        if self.status == "done":
+            self._finish("done")
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Run:
-        """Schedule the run on the running event loop and return at once."""
-        if self._task is None and self.status == "pending":
-            self._task = asyncio.get_running_loop().create_task(self._execute())
-            _ACTIVE.add(self)
+        """Schedule the run on the running event loop and return at once. Opens the journal
+        here, so a journal that cannot be written fails before anything runs."""
+        if self._task is not None or self.status != "pending":
+            return self
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "sandboxnb.start() needs a running event loop (a notebook cell or async code); "
+                "from synchronous code use asyncio.run(sandboxnb.run(...))"
+            ) from None
+        if self.plan.journal is not None:
+            self._journal = Journal(self.plan.journal)
+        self.status = "running"
+        self.started_at = datetime.now(UTC)
+        self._task = loop.create_task(self._execute())
+        _ACTIVE.add(self)
+        return self
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the run executes on (None until started)."""
+        return self._task.get_loop() if self._task is not None else None
+
+    def cancel(self) -> None:
+        """Stop the run (thread-safe): in-flight rollouts are cancelled and their sandboxes
+        released; rollouts not started yet never start."""
+        task = self._task
+        if task is not None:
+            if not task.done():
+                try:
+                    task.get_loop().call_soon_threadsafe(task.cancel)
+                except RuntimeError:  # the loop is closed: nothing runs any more
+                    pass
+        elif self.status == "pending":
+            self._finish("cancelled")
+
+    def done(self) -> bool:
+        """True once the run has ended: every sandbox released, the journal closed."""
+        return self._ended.done()
+
+    async def wait(self) -> Run:
+        """Start the run if it is pending and wait until it ended, from any event loop.
+
+        Never raises the run's own error (see ``status`` and ``error``); cancelling the caller
+        does not cancel the run."""
+        if self.status == "pending":
+            self.start()
+        await asyncio.shield(asyncio.wrap_future(self._ended))
         return self
 
     def __await__(self):
-        return self._wait().__await__()
+        return self._outcome().__await__()
 
-    async def _wait(self) -> Run:
-        self.start()
-        if self._task is not None:
-            await asyncio.shield(self._task)
+    async def _outcome(self) -> Run:
+        await self.wait()
         if self.status == "failed" and self.error is not None:
             raise self.error
         return self
 
-    def cancel(self) -> None:
-        """Stop the run: in-flight rollouts are cancelled and their sandboxes released."""
-        if self._task is not None and not self._task.done():
-            self._task.get_loop().call_soon_threadsafe(self._task.cancel)
-        elif self.status == "pending":
-            self.status = "cancelled"
+    def add_done_callback(self, fn: DoneCallback) -> Callable[[], None]:
+        """Call ``fn(run)`` once the run has ended (on the run's loop thread), or right away
+        if it already has. Thread-safe; returns a function that removes the callback."""
+        with self._lock:
+            if not self._ended.done():
+                self._done_callbacks.append(fn)
+                return lambda: self._remove_done_callback(fn)
+        self._call(fn)
+        return lambda: None
 
-    @property
-    def done(self) -> bool:
-        return self.status in ("done", "cancelled", "failed")
+    def _remove_done_callback(self, fn: DoneCallback) -> None:
+        with self._lock:
+            if fn in self._done_callbacks:
+                self._done_callbacks.remove(fn)
+
+    def _call(self, fn: DoneCallback) -> None:
+        try:
+            fn(self)
+        except Exception:  # a broken observer must not break the run's ending
+            log.exception("run %s: done callback %r failed", self.id, fn)
 
     async def _execute(self) -> None:
-        self.status = "running"
-        self.started_at = datetime.now(UTC)
         began = time.perf_counter()
-        queue: asyncio.Queue[tuple[Task, int, RuntimeConfig]] = asyncio.Queue()
-        for item in self._plan:
-            queue.put_nowait(item)
-        workers = [
-            asyncio.create_task(self._worker(queue))
-            for _ in range(min(self.max_concurrent, len(self._plan)))
-        ]
+        status, error = "failed", None
         try:
-            await asyncio.gather(*workers)
-            self.status = "done"
+            await execute(self.plan, self._record, run_id=self.id)
+            status = "done"
         except asyncio.CancelledError:
-            self.status = "cancelled"
-        except Exception as err:  # a bug in a listener or the scheduler itself
-            self.status, self.error = "failed", err
+            status = "cancelled"
+        except Exception as err:  # a bug in the engine itself, or a journal write failing
+            error = err
         finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)  # every sandbox released
+            try:
+                await self._close_journal()
+            except Exception as err:
+                status, error = "failed", error or err
             self.wall_s = time.perf_counter() - began
             _ACTIVE.discard(self)
-            if self._journal is not None:
-                try:
-                    await asyncio.to_thread(self._journal.close)
-                except RuntimeError:  # interpreter shutting down: close in this thread
-                    self._journal.close()
-            if self._owns_provider and self._provider is not None:
-                await self._provider.aclose()
+            self.error = error
+            self._finish(status)
 
-    async def _worker(self, queue: asyncio.Queue[tuple[Task, int, RuntimeConfig]]) -> None:
-        assert self._provider is not None and self._agent is not None
-        while not queue.empty():
-            task, repeat, config = queue.get_nowait()
-            await rollout(
-                self._provider,
-                task,
-                repeat,
-                config,
-                self._agent,
-                run_id=self.id,
-                timeout_s=self.timeout_s,
-                on_done=self._record,
-            )
+    async def _close_journal(self) -> None:
+        """Wait until every row is on disk and close the journal, off the loop thread; a second
+        cancellation meanwhile does not skip it."""
+        journal = self._journal
+        if journal is None:
+            return
+        try:
+            closing = asyncio.get_running_loop().run_in_executor(None, journal.close)
+        except RuntimeError:  # interpreter shutting down: executors refuse work
+            journal.close()
+            return
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            journal.close()  # idempotent: waits for the same writer to drain
+
+    def _finish(self, status: str) -> None:
+        self.status = status
+        with self._lock:
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            self._ended.set_result(self)
+        for fn in callbacks:
+            self._call(fn)
 
     def _record(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        self.results.add(row)
         if self._journal is not None:
             self._journal.append(row)
         for listener in list(self._listeners):
@@ -172,88 +221,50 @@ class Run:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows so far (see :attr:`results`)."""
+        return self.results.rows
+
+    @property
+    def total(self) -> int:
+        """Rollouts of the whole run (a resumed journal's rows included)."""
+        return self.results.total
+
+    @property
+    def max_concurrent(self) -> int:
+        return self.plan.max_concurrent
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self.plan.timeout_s
+
     def counts(self) -> dict[str, int]:
         """Number of rows by status."""
-        return dict(Counter(row["status"] for row in self.rows))
+        return self.results.counts()
 
     def mean_reward(self) -> float:
         """Mean reward over graded rows (NaN if none)."""
-        rewards = [r["reward"] for r in self.rows if _is_number(r.get("reward"))]
-        return sum(rewards) / len(rewards) if rewards else math.nan
+        return self.results.mean_reward()
 
     def to_pandas(self) -> pd.DataFrame:
         """The rows so far as a tidy DataFrame (see :func:`sandboxnb.results.rows_to_frame`)."""
-        return rows_to_frame(list(self.rows))
+        return self.results.to_pandas()
 
     def summary(self) -> str:
-        """One line: rows by status, mean reward and wall time."""
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts().items())) or "no rows"
+        """One line: rows by status, mean reward, wall time and status."""
         wall = f"{self.wall_s:.1f}s" if self.wall_s is not None else "-"
-        return (
-            f"{len(self.rows)}/{self.total} rollouts ({counts}); "
-            f"mean reward {self.mean_reward():.3f}; wall {wall}; status {self.status}"
-        )
+        return f"{self.results.summary()}; wall {wall}; status {self.status}"
 
     def __repr__(self) -> str:
         return f"<Run {self.name} {self.id}: {self.summary()}>"
 
-    def _repr_html_(self) -> str:
-        from html import escape
 
-        return f"<b>sandboxnb run</b> <code>{escape(self.name)}</code>: {escape(self.summary())}"
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        """In a Jupyter kernel with ipywidgets, a run displays as its live monitor; elsewhere
-        as the one-line summary. Never blocks."""
-        bundle = {"text/plain": repr(self), "text/html": self._repr_html_()}
-        if _in_kernel():
-            try:
-                from sandboxnb.notebook import monitor
-
-                bundle = monitor(self)._repr_mimebundle_() | bundle
-            except ImportError:  # the notebook extra is not installed
-                pass
-        return bundle
-
-
-def _in_kernel() -> bool:
-    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return getattr(shell, "kernel", None) is not None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not math.isnan(value)
-
-
-def _plan(
-    taskset: Taskset,
-    provider: Provider,
-    base: RuntimeConfig,
-    repeats: int,
-    skip: set[tuple[str, int]],
-) -> list[tuple[Task, int, RuntimeConfig]]:
-    plan = []
-    for task in taskset:
-        try:
-            config = provider.check(task.effective_config(base))
-        except ConfigError as err:
-            if task.runtime:  # name the task whose overrides made the config invalid
-                err.args = (f"task {task.id!r}: {err}",)
-            raise
-        for repeat in range(repeats):
-            if (task.id, repeat) not in skip:
-                plan.append((task, repeat, config))
-    return plan
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} = {value!r}: expected an integer >= 1")
-    return value
+TasksetLike = str | Path | Taskset | Iterable[Task | Mapping[str, Any]]
 
 
 def start(
-    taskset: str | Path | Taskset | Iterable[Task | Mapping[str, Any]],
+    taskset: TasksetLike,
     agent: str | Agent,
     runtime: str | Provider = "local",
     *,
@@ -271,9 +282,9 @@ def start(
     crashed kernel loses nothing. The default, ``"auto"``, writes a new file under ``./runs/``
     (or ``$SANDBOXNB_RUNS_DIR``); ``None`` turns journaling off. An existing journal is refused
     unless ``resume=True``, which keeps its rows and runs only the (task, repeat) pairs it does
-    not hold yet.
+    not hold yet. ``progress=True`` shows a text progress bar.
     """
-    run_obj = _prepare(
+    plan = make_plan(
         taskset,
         agent,
         runtime,
@@ -284,14 +295,16 @@ def start(
         journal=journal,
         resume=resume,
     )
-    run_obj.start()
+    run_obj = Run(plan).start()
     if progress:
-        _attach_progress(run_obj)
+        from sandboxnb.progress import progress_bar
+
+        progress_bar(run_obj)
     return run_obj
 
 
 async def run(
-    taskset: str | Path | Taskset | Iterable[Task | Mapping[str, Any]],
+    taskset: TasksetLike,
     agent: str | Agent,
     runtime: str | Provider = "local",
     *,
@@ -324,82 +337,5 @@ async def run(
         return await run_obj
     except asyncio.CancelledError:
         run_obj.cancel()
-        if run_obj._task is not None:
-            await asyncio.gather(run_obj._task, return_exceptions=True)
+        await run_obj.wait()
         raise
-
-
-def _prepare(
-    taskset, agent, runtime, *, config, max_concurrent, repeats, timeout_s, journal, resume
-) -> Run:
-    max_concurrent = _positive_int("max_concurrent", max_concurrent)
-    repeats = _positive_int("repeats", repeats)
-    if timeout_s is not None and (not _is_number(timeout_s) or timeout_s <= 0):
-        raise ValueError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 or None")
-    tasks = Taskset.load(taskset)
-    agent_fn = resolve_agent(agent)
-    base = merge_config(RuntimeConfig(), config)
-    provider = get_provider(runtime)
-    previous: list[dict[str, Any]] = []
-    journal_obj = None
-    if journal == "auto":
-        journal = _auto_journal_path(tasks.name)
-    if journal is not None:
-        path = Path(journal)
-        if path.exists() and path.stat().st_size > 0:
-            if not resume:
-                raise FileExistsError(
-                    f"journal = {str(path)!r} already holds results; pass resume=True "
-                    "(CLI: --resume) to continue it, or choose a new path"
-                )
-            previous = [r for r in read_journal(path) if r.get("status") != "cancelled"]
-    done = {(r["task_id"], int(r["repeat"])) for r in previous}
-    plan = _plan(tasks, provider, base, repeats, done)
-    if journal is not None:
-        journal_obj = Journal(journal)
-    return Run(
-        plan,
-        agent_fn,
-        provider,
-        max_concurrent=max_concurrent,
-        timeout_s=timeout_s,
-        journal=journal_obj,
-        owns_provider=not isinstance(runtime, Provider),
-        rows=previous,
-        name=tasks.name,
-    )
-
-
-def _auto_journal_path(name: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
-    directory = Path(os.environ.get("SANDBOXNB_RUNS_DIR", "runs"))
-    return directory / f"{safe}-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
-
-
-def _attach_progress(run_obj: Run) -> None:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=run_obj.total, initial=len(run_obj.rows), desc=run_obj.name, unit="rollout")
-
-    def update(row: dict[str, Any]) -> None:
-        bar.update(1)
-        bar.set_postfix(
-            run_obj.counts() | {"reward": f"{run_obj.mean_reward():.3f}"}, refresh=False
-        )
-
-    run_obj.subscribe(update)
-    if run_obj._task is not None:  # closed however the run ends (done, cancelled, failed)
-        run_obj._task.add_done_callback(lambda _: bar.close())
-    else:
-        bar.close()
-
-
-def load(journal: str | Path) -> Run:
-    """Read a journal back into a finished :class:`Run` (a torn last line is skipped)."""
-    rows = read_journal(journal)
-    loaded = Run([], None, None, rows=rows, name=Path(journal).stem)
-    if rows:
-        loaded.id = str(rows[0].get("run_id") or loaded.id)
-        loaded.provider_name = rows[0].get("provider")
-    return loaded

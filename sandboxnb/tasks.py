@@ -234,22 +234,19 @@ class Taskset(Sequence[Task]):
 
     @classmethod
     def load(cls, source: str | Path | Taskset | Iterable[Task | Mapping[str, Any]]) -> Taskset:
-        """Resolve ``humaneval``, a ``.json``/``.jsonl`` path, a Taskset or a list of tasks."""
+        """Resolve a registered taskset name (see :mod:`sandboxnb.tasksets`), a ``.json`` /
+        ``.jsonl`` path, a Taskset or a list of tasks."""
         if isinstance(source, Taskset):
             return source
         if isinstance(source, str | Path):
             text = str(source)
-            if text == "humaneval":
-                from sandboxnb.tasksets import humaneval
-
-                return humaneval.load()
             if text.endswith(".jsonl"):
                 return cls.from_jsonl(text)
             if text.endswith(".json"):
                 return cls.from_json(text)
-            raise TaskError(
-                f"taskset = {text!r}: expected 'humaneval' or a path ending in .json or .jsonl"
-            )
+            from sandboxnb.tasksets import load_taskset  # the registry imports this module
+
+            return load_taskset(text)
         return cls(source)
 
     def select(self, patterns: str | Iterable[str]) -> Taskset:

@@ -1,0 +1,83 @@
+"""Executing a plan: every planned rollout, at most ``max_concurrent`` at once, structured.
+
+:func:`bounded` returns only once every rollout it started has finished. If it is cancelled, the
+rollouts in flight are cancelled and awaited (their sandboxes released) before the cancellation
+propagates; if one raises, the others are cancelled the same way and that exception propagates.
+Rollouts not started by then are not started. :func:`execute` runs a :class:`~sandboxnb.plan.Plan`
+through it; :func:`sandboxnb.rollout.rollout` reports each started rollout's row on every path
+(ok, error, timeout, cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from sandboxnb.plan import Plan, PlannedRollout
+from sandboxnb.rollout import rollout
+
+__all__ = ["Report", "bounded", "execute"]
+
+T = TypeVar("T")
+Report = Callable[[dict[str, Any]], None]
+
+
+async def bounded(
+    items: Sequence[T], work: Callable[[T], Awaitable[Any]], max_concurrent: int
+) -> None:
+    """Await ``work(item)`` for every item, in order, at most ``max_concurrent`` at once."""
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent = {max_concurrent!r}: expected an integer >= 1")
+    pending = iter(items)
+
+    async def lane() -> None:
+        for item in pending:  # lanes share the iterator: each item is taken exactly once
+            await work(item)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(max_concurrent, len(items))):
+                group.create_task(lane())
+    except BaseExceptionGroup as group_error:  # one failure, not a group: the first one
+        raise _first(group_error) from None
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        error = stack.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            stack[:0] = list(error.exceptions)
+        else:
+            leaves.append(error)
+    for kind in (KeyboardInterrupt, SystemExit, BaseException):
+        for error in leaves:
+            if isinstance(error, kind):
+                return error
+    return group
+
+
+async def execute(plan: Plan, report: Report, *, run_id: str = "") -> None:
+    """Run every rollout of ``plan``, reporting each row to ``report`` (on the loop thread).
+
+    A provider the plan owns (made from a name) is closed at the end, on every path."""
+
+    async def one(item: PlannedRollout) -> None:
+        await rollout(
+            plan.provider,
+            item.task,
+            item.repeat,
+            item.config,
+            plan.agent,
+            run_id=run_id,
+            timeout_s=plan.timeout_s,
+            on_done=report,
+        )
+
+    try:
+        await bounded(plan.rollouts, one, plan.max_concurrent)
+    finally:
+        if plan.owns_provider:
+            await plan.provider.aclose()
