@@ -92,7 +92,6 @@ async def _gc_command(args: argparse.Namespace) -> int:
 
 async def _run_command(args: argparse.Namespace) -> int:
     from sandboxnb.config import config_from_flat
-    from sandboxnb.results import write_rows
     from sandboxnb.scheduler import run
     from sandboxnb.tasks import Taskset
 
@@ -120,8 +119,8 @@ async def _run_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.output:
-        path = write_rows(result.rows, args.output)
-        print(f"wrote {len(result.rows)} rows to {path}")
+        path = result.results.write(args.output)
+        print(f"wrote {len(result.results)} rows to {path}")
     if result.journal_path:
         print(f"journal: {result.journal_path}")
     print(result.summary())

@@ -229,25 +229,6 @@ class Sandbox:
         return (f"<Sandbox id={self.id!r} provider={self.provider or 'attached'} "
                 f"url={self._url} {state}>")
 
-    def _repr_html_(self) -> str:
-        import html
-
-        state = "closed" if self._closed else ("lost" if self._lost else "open")
-        colour = {"open": "#2e7d32", "closed": "#757575", "lost": "#c62828"}[state]
-        rows = [("id", self.id), ("provider", self.provider or "attached"), ("url", self._url)]
-        config = self.config
-        if config is not None and hasattr(config, "summary"):
-            rows += [(k, v) for k, v in config.summary().items() if v is not None]
-        for key in ("python", "pid", "workdir"):
-            if key in self.info:
-                rows.append((f"server {key}", self.info[key]))
-        body = "".join(
-            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(str(k))}</th>"
-            f"<td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows
-        )
-        return (f"<div><b>sandboxnb Sandbox</b> <span style='color:{colour}'>&#9679; {state}"
-                f"</span><table>{body}</table></div>")
-
     # -- plumbing -----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:

@@ -118,8 +118,8 @@ async def test_cancelling_a_run_releases_every_sandbox(tmp_path):
             break
     assert len(sandbox_server_pids() - before) >= 4  # four sandboxes really running
     run.cancel()
-    await asyncio.gather(run._task, return_exceptions=True)
-    assert run.status == "cancelled"
+    await run.wait()
+    assert run.status == "cancelled" and run.done()
     assert not (sandbox_server_pids() - before)  # nothing left, checked right away
     assert run.counts() == {"cancelled": 4}
     assert len(sandboxnb.load(tmp_path / "j.jsonl").rows) == 4
@@ -168,7 +168,11 @@ def test_torn_last_journal_line_is_skipped(tmp_path):
         ({"agent": "nonsense"}, AgentError, r"expected 'oracle', 'samples:PATH'"),
         ({"agent": "json:nope"}, AgentError, r"module 'json' has no 'nope'"),
         ({"agent": "samples:/no/such.jsonl"}, AgentError, r"cannot be read"),
-        ({"taskset": "tasks.txt"}, TaskError, r"expected 'humaneval' or a path ending in .json"),
+        (
+            {"taskset": "tasks.txt"},
+            TaskError,
+            r"taskset = 'tasks.txt' is not a registered taskset .*; accepted: humaneval",
+        ),
         ({"taskset": [{"id": "x", "grader": {"type": "regex"}}]}, Exception, "regex"),
         ({"taskset": [{"id": "x"}, {"id": "x"}]}, TaskError, "duplicate task id"),
         ({"max_concurrent": 0}, ValueError, r"max_concurrent = 0: expected an integer >= 1"),

@@ -11,9 +11,10 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
+from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.magics import RemoteCellError, RemoteValue
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable
-from sandboxnb.notebook.state import SandboxHandle, manager
+from sandboxnb.notebook.sandboxes import manager
 from tests.conftest import live_sandbox_servers
 
 

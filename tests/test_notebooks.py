@@ -192,7 +192,7 @@ def test_sandboxes_live_on_the_kernel_loop(no_account):
                 "threading.Timer(0.3, ui.launch_button.click).start()")
         deadline = time.monotonic() + 30
         while True:
-            text = _ok(kc, "from sandboxnb.notebook.state import manager\n"
+            text = _ok(kc, "from sandboxnb.notebook.sandboxes import manager\n"
                            "print([(r.name, r.state, r.loop is asyncio.get_running_loop()) "
                            "for r in manager().records()])")
             if "('sb1', 'running', True)" in text:
@@ -246,11 +246,13 @@ run = sandboxnb.start(Taskset(list(humaneval.load())[:5], name='h5'), slow, 'loc
 
 
 def test_background_run_displays_as_live_monitor(no_account):
-    """`run = sandboxnb.start(...)`, then `run` as a cell's value shows the monitor widget; the
+    """With the extension loaded, `run = sandboxnb.start(...)`, then `run` as a cell's value shows
+    the monitor widget (registered with IPython's formatters, not a repr method of Run); the
     user keeps executing cells while it runs, and `await run` collects it."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in (
         "import sandboxnb\n"
+        "%load_ext sandboxnb\n"
         "tasks = sandboxnb.Taskset.load('humaneval').select('HumanEval/1?')\n"
         "run = sandboxnb.start(tasks, 'oracle', max_concurrent=2, journal=None)",
         "run",

@@ -12,8 +12,8 @@ import time
 import pytest
 
 import sandboxnb.notebook as nb
-from sandboxnb.notebook import loop, state
-from sandboxnb.notebook.controllers import LauncherController
+from sandboxnb.notebook import loop, sandboxes
+from sandboxnb.notebook.form import LauncherController
 from sandboxnb.notebook.widgets import Launcher, Monitor
 from sandboxnb.tasks import Taskset
 from sandboxnb.tasksets import humaneval
@@ -39,7 +39,7 @@ def kernel_loop():
     try:
         yield running
     finally:
-        nb._release_all()
+        sandboxes.release_all()
         loop.forget_kernel_loop()
         running.call_soon_threadsafe(running.stop)
         thread.join(10)
@@ -95,7 +95,7 @@ def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     ui.launch_button.click()
     assert message in ui.errors[field].value
     assert "nothing was started" in ui.status.value
-    assert state.manager().records() == [] and _rows(ui) == []
+    assert sandboxes.manager().records() == [] and _rows(ui) == []
     time.sleep(0.2)
     assert live_sandbox_servers() == set()
     # fixing the field clears the message on the next click (and launches)
@@ -105,7 +105,7 @@ def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
         ui.gpu_type.value = ""
     ui.launch_button.click()
     assert ui.errors[field].value == ""
-    _wait(lambda: [r.state for r in state.manager().records()] == ["running"], what="launch")
+    _wait(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], what="launch")
 
 
 def test_launch_and_stop_buttons_drive_real_sandboxes():
@@ -116,7 +116,7 @@ def test_launch_and_stop_buttons_drive_real_sandboxes():
     _wait(lambda: len(_rows(ui)) == 2 and all("running" in _row_text(r) for r in _rows(ui)),
           what="two running rows")
     assert len(live_sandbox_servers()) == 2
-    records = state.manager().records()
+    records = sandboxes.manager().records()
     assert {r.name for r in records} == {"sb1", "sb2"}
     first = _rows(ui)[0]
     assert "sb1" in first.children[0].value and records[0].id in _row_text(first)
@@ -137,7 +137,7 @@ def test_launcher_and_magics_share_sandboxes():
     other = Launcher(LauncherController())
     ui.launch_button.click()
     _wait(lambda: len(_rows(other)) == 1, what="second view updated")
-    state.manager().stop_all()
+    sandboxes.manager().stop_all()
     _wait(lambda: _rows(ui) == [] and _rows(other) == [], what="both views cleared")
 
 
@@ -153,16 +153,16 @@ def _start_run(n: int, max_concurrent: int):
 
 
 def _finish(run) -> None:
-    if not run.done:
+    if not run.done():
         run.cancel()
-        _wait(lambda: run.done, what="run cancelled")
+        _wait(lambda: run.done(), what="run cancelled")
 
 
 def test_callbacks_hand_work_to_the_kernel_loop(kernel_loop):
     ui = nb.launcher(provider="local")
     ui.launch_button.click()
-    _wait(lambda: [r.state for r in state.manager().records()] == ["running"], what="launch")
-    (record,) = state.manager().records()
+    _wait(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], what="launch")
+    (record,) = sandboxes.manager().records()
     assert record.loop is kernel_loop
     assert record.sandbox._heartbeat_task.get_loop() is kernel_loop
 
@@ -178,7 +178,7 @@ def test_monitor_follows_a_run():
     try:
         mon = nb.monitor(run)
         assert isinstance(mon, Monitor)
-        _wait(lambda: run.done, timeout=120, what="run end")
+        _wait(lambda: run.done(), timeout=120, what="run end")
         _wait(lambda: mon.cancel_button.disabled, what="monitor sees the end")
         assert mon.progress.value == mon.progress.max == 6
         assert "ok: <b>6</b>" in mon.counts.value
@@ -196,7 +196,7 @@ def test_monitor_cancel_stops_the_run_cleanly():
         mon = nb.monitor(run)
         _wait(lambda: len(run.rows) >= 1, timeout=60, what="first row")
         mon.cancel_button.click()
-        _wait(lambda: run.done, timeout=30, what="cancelled")
+        _wait(lambda: run.done(), timeout=30, what="cancelled")
         assert run.status == "cancelled" and len(run.rows) < 40
         _wait(lambda: "cancelled" in mon.status.value, what="monitor shows cancelled")
         _wait(lambda: not live_sandbox_servers(), what="sandboxes released")

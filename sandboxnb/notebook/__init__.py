@@ -1,73 +1,38 @@
-"""The notebook layer: ``%load_ext sandboxnb``, the ``%sandbox`` magics and the widgets.
+"""The notebook layer: ``%load_ext sandboxnb``, the ``%sandbox`` magics, rich displays, widgets.
 
-Only this package imports IPython/ipywidgets, lazily: loading the extension registers the magics
-and the shutdown hooks (kernel shutdown cancels background runs and stops sandboxes) and nothing
-else; widgets are imported when ``launcher()`` / ``monitor()`` are first called. Everything runs
-on the kernel's own asyncio loop (see :mod:`sandboxnb.notebook.loop`).
+Only this package imports IPython/ipywidgets, lazily; the core never imports it. One module per
+job, each using the others' public names only:
+
+* :mod:`~sandboxnb.notebook.lifecycle`: load, unload, kernel shutdown and exit hooks;
+* :mod:`~sandboxnb.notebook.sandboxes`: the one owner of interactive sandboxes;
+* :mod:`~sandboxnb.notebook.handle`: the handle a launched sandbox gets in the namespace;
+* :mod:`~sandboxnb.notebook.loop`: the bridge to the kernel's asyncio loop;
+* :mod:`~sandboxnb.notebook.form`, :mod:`~sandboxnb.notebook.monitor_state`: the widgets' logic;
+* :mod:`~sandboxnb.notebook.reprs`: HTML/text rendering; :mod:`~sandboxnb.notebook.display`:
+  its registration with IPython's display formatters;
+* :mod:`~sandboxnb.notebook.widgets`, :mod:`~sandboxnb.notebook.magics`: the views.
 """
 
 from __future__ import annotations
 
-import atexit
 from typing import Any
 
 __all__ = ["launcher", "load_ipython_extension", "monitor", "unload_ipython_extension"]
 
-_loaded: dict[int, Any] = {}
-_atexit_registered = False
-
 
 def load_ipython_extension(ip: Any) -> None:
-    """Register ``%sandbox`` / ``%%sandbox`` and the settings ``SandboxMagics`` on ``ip``."""
-    global _atexit_registered
-    from sandboxnb.notebook.loop import remember_kernel_loop
-    from sandboxnb.notebook.magics import SandboxMagics
-    from sandboxnb.notebook.shutdown import at_exit, hook_kernel_shutdown
+    """Register ``%sandbox`` / ``%%sandbox``, the settings ``SandboxMagics``, rich displays and
+    the release hooks on ``ip``."""
+    from sandboxnb.notebook.lifecycle import load
 
-    if id(ip) in _loaded:
-        return
-    remember_kernel_loop()
-    magics = SandboxMagics(shell=ip, parent=ip)
-    ip.register_magics(magics)
-    if magics not in ip.configurables:
-        ip.configurables.append(magics)
-    _loaded[id(ip)] = magics
-    hook_kernel_shutdown(ip)
-    if not _atexit_registered:
-        atexit.register(at_exit)
-        _atexit_registered = True
+    load(ip)
 
 
 def unload_ipython_extension(ip: Any) -> None:
-    """Stop every sandbox launched from this session and unregister the magics."""
-    from sandboxnb.notebook.shutdown import unhook_kernel_shutdown
+    """Stop every sandbox launched from this session and unregister the extension."""
+    from sandboxnb.notebook.lifecycle import unload
 
-    magics = _loaded.pop(id(ip), None)
-    unhook_kernel_shutdown(ip)
-    _release_all()
-    if magics is None:
-        return
-    from sandboxnb.notebook.state import SandboxHandle
-
-    for name, value in list(ip.user_ns.items()):
-        if isinstance(value, SandboxHandle):
-            del ip.user_ns[name]
-    table = ip.magics_manager.magics
-    for kind in ("line", "cell"):
-        table[kind].pop("sandbox", None)
-    ip.magics_manager.registry.pop(type(magics).__name__, None)
-    if magics in ip.configurables:
-        ip.configurables.remove(magics)
-
-
-def _release_all() -> None:
-    """Stop every interactive sandbox (extension unload and interpreter exit)."""
-    from sandboxnb.notebook import state
-
-    current = state._manager
-    if current is not None:
-        current.stop_all()
-        state._reset_manager()
+    unload(ip)
 
 
 def launcher(**defaults: Any) -> Any:

@@ -17,9 +17,10 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Float, Int, Unicode
 
+from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows
-from sandboxnb.notebook.state import SandboxHandle, SandboxManager, manager
+from sandboxnb.notebook.sandboxes import SandboxManager, manager, validate_launch
 
 __all__ = ["RemoteCellError", "RemoteValue", "SandboxMagics"]
 
@@ -168,8 +169,6 @@ class SandboxMagics(Magics):
                 for k in _RESOURCE_KEYS}
 
     def _validate(self, provider: str, **flat: Any):
-        from sandboxnb.notebook.state import validate_launch
-
         try:
             return validate_launch(provider, **flat)
         except (ValueError, TypeError) as err:
@@ -300,10 +299,7 @@ class SandboxMagics(Magics):
                 return await run
             except BaseException:
                 run.cancel()
-                if run._task is not None:
-                    import asyncio
-
-                    await asyncio.gather(run._task, return_exceptions=True)
+                await run.wait()  # every sandbox released before the cell fails
                 raise
 
         try:

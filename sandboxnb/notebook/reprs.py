@@ -1,5 +1,6 @@
-"""HTML and text views of sandboxes, providers and runs. They only read attributes: never block,
-never touch a loop, so they are safe to call from any thread and from display formatters."""
+"""HTML and text views of sandboxes, providers and runs. They only read public attributes: never
+block, never touch a loop, so they are safe to call from any thread and from display formatters
+(see :mod:`sandboxnb.notebook.display`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ __all__ = [
     "provider_rows",
     "providers_html",
     "reward_histogram_svg",
-    "run_html",
-    "run_text",
+    "run_summary_html",
+    "sandbox_html",
     "sandboxes_html",
     "table_html",
     "table_text",
@@ -143,42 +144,31 @@ class ProvidersTable:
         return providers_html(self.rows)
 
 
-# ---- runs ----------------------------------------------------------------------------------
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def run_text(run: Any) -> str:
-    """One line of progress for a Run-like object (rows, total, status, counts())."""
-    rows = list(getattr(run, "rows", []))
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(run.counts().items())) or "no rows yet"
-    rewards = [r["reward"] for r in rows if _is_number(r.get("reward"))]
-    mean = _mean(rewards)
-    mean_s = "-" if math.isnan(mean) else f"{mean:.3f}"
-    return f"{len(rows)}/{run.total} rollouts ({counts}); mean reward {mean_s}; {run.status}"
-
-
-def run_html(run: Any, newest: int = 5) -> str:
-    """Progress bar, counts, mean reward and the newest rows of a Run."""
-    rows = list(getattr(run, "rows", []))
-    total = max(int(getattr(run, "total", 0) or 0), 1)
-    pct = min(100.0, 100.0 * len(rows) / total)
-    bar = (
-        "<div style='width:320px;height:10px;background:#eee;border-radius:3px'>"
-        f"<div style='width:{pct:.1f}%;height:10px;background:#2da44e;border-radius:3px'>"
-        "</div></div>"
+# ---- client sandboxes ----------------------------------------------------------------------
+def sandbox_html(sandbox: Any) -> str:
+    """A client :class:`~sandboxnb.client.Sandbox`: state, id, provider, url, config, server."""
+    state = "closed" if sandbox.closed else "open"
+    colour = _STATE_COLOURS["running" if state == "open" else "stopped"]
+    rows = [("id", sandbox.id), ("provider", sandbox.provider or "attached"), ("url", sandbox.url)]
+    config = sandbox.config
+    if config is not None and hasattr(config, "summary"):
+        rows += [(k, v) for k, v in config.summary().items() if v is not None]
+    info = getattr(sandbox, "info", None) or {}
+    for key in ("python", "pid", "workdir"):
+        if key in info:
+            rows.append((f"server {key}", info[key]))
+    body = "".join(
+        f"<tr><th style='text-align:left;padding-right:1em'>{escape(str(k))}</th>"
+        f"<td><code>{escape(str(v))}</code></td></tr>" for k, v in rows
     )
-    recent = rows[-newest:][::-1]
-    cols = ("task_id", "status", "reward", "duration_s", "error")
-    table = table_html(cols, ([_short(r.get(c)) for c in cols] for r in recent)) if recent else ""
-    return f"<div class='sandboxnb-run'>{bar}<div>{escape(run_text(run))}</div>{table}</div>"
+    return (f"<div><b>sandboxnb Sandbox</b> <span style='color:{colour}'>&#9679; {state}"
+            f"</span><table>{body}</table></div>")
 
 
-def _short(value: Any, limit: int = 80) -> Any:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    text = "" if value is None else str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+# ---- runs ----------------------------------------------------------------------------------
+def run_summary_html(run: Any) -> str:
+    """One line for a :class:`~sandboxnb.scheduler.Run`: its name and summary."""
+    return f"<b>sandboxnb run</b> <code>{escape(run.name)}</code>: {escape(run.summary())}"
 
 
 def _is_number(value: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Thin ipywidgets views over :mod:`sandboxnb.notebook.controllers`.
+"""Thin ipywidgets views over :mod:`sandboxnb.notebook.form` (launcher) and
+:mod:`sandboxnb.notebook.monitor_state` (run monitor).
 
 Callbacks may run on another thread (JupyterLab >= 4.4 routes comm messages through kernel
 subshells), so they never block and never touch asyncio objects directly: launching and stopping
@@ -16,8 +17,9 @@ from typing import Any
 
 import ipywidgets as w
 
-from sandboxnb.notebook.controllers import LauncherController, MonitorState
+from sandboxnb.notebook.form import LauncherController
 from sandboxnb.notebook.loop import remember_kernel_loop
+from sandboxnb.notebook.monitor_state import MonitorState
 from sandboxnb.notebook.reprs import format_age, reward_histogram_svg, table_html
 
 __all__ = ["Launcher", "Monitor"]
@@ -178,15 +180,13 @@ class Monitor(w.VBox):
             w.HBox([self.histogram, self.newest]), w.HBox([self.cancel_button, self.status]),
         ])
         self._unsubscribe = run.subscribe(self._on_row)
-        task = getattr(run, "_task", None)
-        if task is not None and not task.done():
-            task.get_loop().call_soon_threadsafe(task.add_done_callback, self._on_end)
+        self._forget_end = run.add_done_callback(self._on_end)
         self.refresh()
 
     def _on_row(self, _row: dict[str, Any]) -> None:
         self.refresh()
 
-    def _on_end(self, _task: Any) -> None:
+    def _on_end(self, _run: Any) -> None:
         self.refresh()
 
     def refresh(self) -> None:
@@ -215,6 +215,7 @@ class Monitor(w.VBox):
 
     def close(self) -> None:
         self._unsubscribe()
+        self._forget_end()
         super().close()
 
 

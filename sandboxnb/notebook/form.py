@@ -1,20 +1,16 @@
-"""Plain-Python logic behind the widgets (no ipywidgets import): form validation and launching
-for the launcher, derived numbers for the run monitor. Tests call these directly."""
+"""The launcher's form logic in plain Python (no ipywidgets import): validating form values
+field by field and launching/stopping through the sandbox manager. Tests call it directly."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat
 from sandboxnb.notebook.reprs import provider_rows
-from sandboxnb.notebook.state import SandboxManager, SandboxRecord, manager, validate_launch
+from sandboxnb.notebook.sandboxes import SandboxManager, SandboxRecord, manager, validate_launch
 
-__all__ = ["FORM_FIELDS", "LauncherController", "MonitorState"]
-
-#: Launcher form fields, in display order.
-FORM_FIELDS = ("provider", "image", "cpu", "memory_mb", "gpu_type", "gpu_count", "timeout")
+__all__ = ["LauncherController"]
 
 # config field (dotted or flat) -> form field that shows its message
 _FIELD_OF = {
@@ -101,7 +97,7 @@ class LauncherController:
 
     def stop(self, name: str) -> None:
         """Ask a sandbox to stop (returns at once; the table updates when it is gone)."""
-        self.manager.stop_async(name)
+        self.manager.request_stop(name)
 
 
 def _strip_prefix(message: str) -> str:
@@ -113,32 +109,3 @@ def _guess_field(message: str) -> str:
         if "." in key and key in message:
             return form_field
     return "provider"
-
-
-class MonitorState:
-    """Numbers the run monitor shows, derived from a Run-like object on demand."""
-
-    def __init__(self, run: Any, newest: int = 5, bins: int = 10) -> None:
-        self.run = run
-        self.newest = newest
-        self.bins = bins
-
-    def snapshot(self) -> dict[str, Any]:
-        run = self.run
-        rows = list(run.rows)
-        rewards = [r["reward"] for r in rows if _is_number(r.get("reward"))]
-        mean = sum(rewards) / len(rewards) if rewards else math.nan
-        return {
-            "done": len(rows),
-            "total": int(run.total or 0),
-            "status": run.status,
-            "counts": dict(sorted(run.counts().items())),
-            "mean_reward": mean,
-            "rewards": rewards,
-            "newest": rows[-self.newest:][::-1],
-            "finished": run.status in ("done", "cancelled", "failed"),
-        }
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)

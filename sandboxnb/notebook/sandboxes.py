@@ -1,8 +1,10 @@
-"""Interactive sandboxes of a notebook session: launched by ``%sandbox launch`` or the launcher
-widget, held open by tasks on the kernel loop until stopped, released all together at extension
-unload and at interpreter exit.
+"""The one owner of a notebook session's interactive sandboxes: launched by ``%sandbox launch``
+or the launcher widget, held open by tasks on the kernel loop until stopped, released all together
+at extension unload, kernel shutdown and interpreter exit.
 
-Plain Python (no IPython, no widgets) so tests drive it directly.
+Public API: :func:`manager` (the shared :class:`SandboxManager`), its ``prepare`` / ``start`` /
+``wait_ready`` / ``stop`` / ``request_stop`` / ``stop_all`` / ``stop_all_async``, and
+:func:`release_all`. Plain Python (no IPython, no widgets) so tests drive it directly.
 """
 
 from __future__ import annotations
@@ -21,16 +23,14 @@ from sandboxnb.config import RuntimeConfig, config_from_flat
 from sandboxnb.notebook.loop import Job, run_blocking, submit, wait_finished
 
 __all__ = [
-    "FLAT_FIELDS",
-    "SandboxHandle",
     "SandboxManager",
     "SandboxRecord",
+    "current_manager",
     "manager",
+    "release_all",
     "validate_launch",
 ]
 
-#: Flat launch options accepted everywhere (magics, widgets), in display order.
-FLAT_FIELDS = ("image", "cpu", "memory_mb", "gpu", "timeout")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -195,15 +195,6 @@ class SandboxManager:
             f"sandbox {record.name} was stopped before it was ready"))
         self._changed()
 
-    def launch(self, provider: str, name: str | None = None, *, wait: bool = True,
-               **flat: Any) -> SandboxRecord:
-        """Validate, start and (``wait=True``) block until the sandbox is up or failed."""
-        record = self.prepare(provider, name, **flat)
-        self.start(record)
-        if wait:
-            self.wait_ready(record)
-        return record
-
     def wait_ready(self, record: SandboxRecord, timeout: float | None = None) -> SandboxRecord:
         """Block until ``record`` is running; re-raise its launch error. Interrupt cancels it."""
         job = record.job
@@ -232,7 +223,7 @@ class SandboxManager:
         self._wait_stopped([record], timeout)
         return record
 
-    def stop_async(self, name: str) -> None:
+    def request_stop(self, name: str) -> None:
         """Ask one sandbox to stop and return at once (widget buttons; any thread)."""
         record = self.get(name)
         if record is not None:
@@ -256,6 +247,17 @@ class SandboxManager:
         self._wait_stopped(records, timeout)
         return [r.name for r in records]
 
+    async def stop_all_async(self, within_s: float = 30.0) -> list[str]:
+        """Stop every sandbox (concurrently) and wait up to ``within_s`` for their teardowns,
+        awaiting on any loop (kernel shutdown runs it on the kernel loop); returns their names."""
+        records = self.records()
+        for record in records:
+            self._request_stop(record)
+        jobs = [r.job for r in records if r.job is not None and not r.job.finished()]
+        if jobs:
+            await asyncio.wait([asyncio.wrap_future(job) for job in jobs], timeout=within_s)
+        return [r.name for r in records]
+
     @staticmethod
     def _wait_stopped(records: list[SandboxRecord], timeout: float) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[Job]] = {}
@@ -275,10 +277,6 @@ class SandboxManager:
                 continue
             run_blocking(until_stopped(jobs), loop=loop)
 
-    def run(self, coro: Any, **kwargs: Any) -> Any:
-        """Run a coroutine using these sandboxes to completion, blocking (magics)."""
-        return run_blocking(coro, **kwargs)
-
 
 def _resolve(future: concurrent.futures.Future, *, result: Any = None,
              error: BaseException | None = None) -> None:
@@ -287,86 +285,6 @@ def _resolve(future: concurrent.futures.Future, *, result: Any = None,
             future.set_result(result)
         else:
             future.set_exception(error)
-
-
-class SandboxHandle:
-    """What ``%sandbox launch`` puts in the user namespace: a thin wrapper over the client
-    ``Sandbox`` (attributes and methods pass through) plus ``stop()``.
-
-    ``await sb.exec("ls")``, ``await sb.python("1 + 1")``, ``await sb.write_file(...)`` at top
-    level run on the kernel loop like any other cell. Awaited from a different loop (another
-    thread), the calls are handed to the kernel loop and awaited there.
-    """
-
-    _ASYNC = ("exec", "python", "write_file", "read_file", "ping")
-
-    def __init__(self, record: SandboxRecord, manager: SandboxManager) -> None:
-        self._record = record
-        self._manager = manager
-
-    @property
-    def name(self) -> str:
-        return self._record.name
-
-    @property
-    def state(self) -> str:
-        return self._record.state
-
-    @property
-    def sandbox(self) -> Any:
-        """The underlying client ``Sandbox`` (bound to the kernel loop)."""
-        return self._record.sandbox
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        sandbox = self._record.sandbox
-        if sandbox is None:
-            raise AttributeError(
-                f"sandbox {self._record.name} is {self._record.state}; {attr!r} is unavailable"
-            )
-        target = getattr(sandbox, attr)
-        if attr in self._ASYNC and self._foreign_loop():
-            return self._bridge(target)
-        return target
-
-    def _foreign_loop(self) -> bool:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return running is not self._record.loop
-
-    def _bridge(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return _await_job(submit(method(*args, **kwargs), self._record.loop))
-
-        call.__doc__ = method.__doc__
-        call.__name__ = getattr(method, "__name__", "call")
-        return call
-
-    def stop(self) -> None:
-        """Stop this sandbox and wait for its teardown."""
-        if self._record.state in ("starting", "running"):
-            self._manager.stop(self._record.name)
-
-    def __repr__(self) -> str:
-        r = self._record
-        return f"<Sandbox {r.name} provider={r.provider} id={r.id} state={r.state}>"
-
-    def _repr_html_(self) -> str:
-        from sandboxnb.notebook.reprs import sandboxes_html
-
-        return sandboxes_html([self._record])
-
-
-async def _await_job(job: Job) -> Any:
-    """Await a job from another loop; cancelling the awaiter cancels the job."""
-    try:
-        return await asyncio.wrap_future(job)
-    except asyncio.CancelledError:
-        job.cancel()
-        raise
 
 
 _manager: SandboxManager | None = None
@@ -380,7 +298,15 @@ def manager() -> SandboxManager:
     return _manager
 
 
-def _reset_manager() -> None:
+def current_manager() -> SandboxManager | None:
+    """The shared manager if this session has made one (nothing to release otherwise)."""
+    return _manager
+
+
+def release_all(timeout: float = 30.0) -> list[str]:
+    """Stop every interactive sandbox of the session, wait for their teardowns and start afresh
+    (extension unload, interpreter exit); returns the names stopped."""
     global _manager
-    _manager = None
+    current, _manager = _manager, None
+    return current.stop_all(timeout) if current is not None else []
 
