@@ -6,6 +6,10 @@ propagates; if one raises, the others are cancelled the same way and that except
 Rollouts not started by then are not started. :func:`execute` runs a :class:`~sandboxnb.plan.Plan`
 through it; :func:`sandboxnb.rollout.rollout` reports each started rollout's row on every path
 (ok, error, timeout, cancelled).
+
+A cancellation lost below (on Python 3.11 ``asyncio.wait_for`` drops one that arrives just as
+the awaited operation completes) is still honoured: a lane whose task was asked to cancel takes
+no further item, and a rollout whose acquisition swallowed it stops before the agent runs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ async def bounded(
 
     async def lane() -> None:
         for item in pending:  # lanes share the iterator: each item is taken exactly once
+            _raise_if_cancel_requested()
             await work(item)
 
     try:
@@ -41,6 +46,13 @@ async def bounded(
                 group.create_task(lane())
     except BaseExceptionGroup as group_error:  # one failure, not a group: the first one
         raise _first(group_error) from None
+
+
+def _raise_if_cancel_requested() -> None:
+    """Raise CancelledError if the current task was asked to cancel and the request was lost."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
@@ -63,6 +75,11 @@ async def execute(plan: Plan, report: Report, *, run_id: str = "") -> None:
     """Run every rollout of ``plan``, reporting each row to ``report`` (on the loop thread).
 
     A provider the plan owns (made from a name) is closed at the end, on every path."""
+    agent = plan.agent
+
+    async def guarded_agent(sandbox: Any, task: Any) -> Any:
+        _raise_if_cancel_requested()  # lost while the sandbox was acquired: stop here
+        return await agent(sandbox, task)
 
     async def one(item: PlannedRollout) -> None:
         await rollout(
@@ -70,7 +87,7 @@ async def execute(plan: Plan, report: Report, *, run_id: str = "") -> None:
             item.task,
             item.repeat,
             item.config,
-            plan.agent,
+            guarded_agent,
             run_id=run_id,
             timeout_s=plan.timeout_s,
             on_done=report,

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pandas as pd
 import pytest
@@ -15,6 +16,10 @@ import pytest
 import sandboxnb
 from sandboxnb.agents import AgentError
 from sandboxnb.config import ConfigError, UnsupportedFieldError
+from sandboxnb.plan import make_plan
+from sandboxnb.results import Results
+from sandboxnb.runner import bounded
+from sandboxnb.scheduler import Run
 from sandboxnb.tasks import TaskError, Taskset
 
 from .conftest import sandbox_server_pids
@@ -294,3 +299,193 @@ async def test_attach_to_a_running_server_by_url_and_token(tmp_path):
     finally:
         proc.kill()
         await proc.wait()
+
+
+# -- plan -------------------------------------------------------------------------------------
+def _journal_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_plan_resume_keeps_finished_rows_and_plans_the_rest(tmp_path):
+    """A resumed journal's ok/error/timeout rows are kept and not planned again; cancelled ones
+    are planned again; rows of tasks no longer in the taskset are kept as they are."""
+    journal = tmp_path / "j.jsonl"
+    _journal_rows(journal, [
+        {"task_id": "a", "repeat": 0, "status": "ok", "reward": 1.0},
+        {"task_id": "a", "repeat": 1, "status": "error", "reward": None},
+        {"task_id": "b", "repeat": 0, "status": "cancelled", "reward": None},
+        {"task_id": "d", "repeat": 1, "status": "timeout", "reward": None},
+        {"task_id": "gone", "repeat": 0, "status": "ok", "reward": 0.0},
+    ])
+    plan = make_plan(TASKS, echo_agent, "local", repeats=2, journal=journal, resume=True,
+                     config={"resources": {"memory_mb": 2048}})
+    planned = [(p.task.id, p.repeat) for p in plan.rollouts]
+    assert planned == [("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)]
+    assert [(r["task_id"], r["repeat"]) for r in plan.previous] == [
+        ("a", 0), ("a", 1), ("d", 1), ("gone", 0)]
+    assert plan.total == 9 and plan.journal == journal
+    memory = {p.task.id: p.config.resources.memory_mb for p in plan.rollouts}
+    assert memory == {"b": 2048, "c": 2048, "d": 4096}  # the effective config per task
+
+
+def test_plan_validates_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANDBOXNB_RUNS_DIR", str(tmp_path / "auto"))
+    plan = make_plan(TASKS[:2], echo_agent)
+    assert plan.journal is not None and plan.journal.parent == tmp_path / "auto"
+    assert not (tmp_path / "auto").exists()  # opened only when the run starts
+    assert [(p.task.id, p.repeat) for p in plan.rollouts] == [("a", 0), ("b", 0)]
+    journal = tmp_path / "j.jsonl"
+    _journal_rows(journal, [{"task_id": "a", "repeat": 0, "status": "ok"}])
+    with pytest.raises(FileExistsError, match=r"journal = .* already holds results"):
+        make_plan(TASKS[:2], echo_agent, journal=journal)
+    with pytest.raises(ValueError, match=r"resume = True .* journal = None; accepted: the path"):
+        make_plan(TASKS[:2], echo_agent, journal=None, resume=True)
+    with pytest.raises(ValueError, match=r"journal = 3: expected a file path"):
+        make_plan(TASKS[:2], echo_agent, journal=3)
+    with pytest.raises(ValueError, match=r"timeout_s = True"):
+        make_plan(TASKS[:2], echo_agent, timeout_s=True)
+
+
+# -- runner -----------------------------------------------------------------------------------
+async def test_bounded_runner_limits_concurrency_and_propagates_cancellation():
+    active, peak, finished = 0, 0, []
+
+    async def work(item):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.sleep(0.02 if item < 10 else 30)
+        finally:
+            active -= 1
+            finished.append(item)
+
+    await bounded(list(range(10)), work, 3)
+    assert peak == 3 and sorted(finished) == list(range(10))
+    finished.clear()
+    task = asyncio.create_task(bounded(list(range(10, 20)), work, 4))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(finished) == [10, 11, 12, 13] and active == 0  # in flight: unwound; rest: never
+
+
+async def test_bounded_runner_starts_nothing_after_a_lost_cancellation():
+    """A cancellation swallowed below (Python 3.11's wait_for can lose one) still stops the lane
+    before its next item."""
+    started = []
+
+    async def swallowing(item):
+        started.append(item)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # lost, as by the wait_for race
+
+    task = asyncio.create_task(bounded(list(range(5)), swallowing, 1))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert started == [0]
+
+
+async def test_bounded_runner_raises_the_failure_itself_after_unwinding_the_rest():
+    unwound = []
+
+    async def work(item):
+        if item == 1:
+            raise KeyError("boom")
+        try:
+            await asyncio.sleep(30)
+        finally:
+            unwound.append(item)
+
+    with pytest.raises(KeyError, match="boom"):
+        await bounded([0, 1, 2, 3], work, 3)
+    assert sorted(unwound) == [0, 2]
+
+
+# -- end of a run -----------------------------------------------------------------------------
+async def test_the_end_of_a_run_can_be_awaited_checked_and_observed():
+    loop_thread = threading.get_ident()
+    seen, removed = [], []
+    run = sandboxnb.start(TASKS[:2], echo_agent, journal=None)
+    assert run.status == "running" and not run.done() and run.loop is asyncio.get_running_loop()
+    run.add_done_callback(lambda r: seen.append((r.status, len(r.rows), threading.get_ident())))
+    remove = run.add_done_callback(removed.append)
+    remove()
+    assert await run.wait() is run
+    assert run.done() and run.status == "done" and run.wall_s is not None
+    assert seen == [("done", 2, loop_thread)] and removed == []
+    late = []
+    run.add_done_callback(lambda r: late.append(r.status))  # already ended: called at once
+    assert late == ["done"]
+    assert await run is run
+
+
+async def test_a_run_can_be_waited_for_from_another_thread_and_loop():
+    run = sandboxnb.start(TASKS[:2], echo_agent, journal=None)
+
+    def elsewhere():
+        return asyncio.run(run.wait()).status
+
+    assert await asyncio.to_thread(elsewhere) == "done"
+    assert run.done()
+
+
+async def test_cancelling_a_pending_run_ends_it_at_once():
+    run = Run(make_plan(TASKS[:2], echo_agent, journal=None))
+    ended = []
+    run.add_done_callback(lambda r: ended.append(r.status))
+    assert run.status == "pending" and not run.done()
+    run.cancel()
+    assert run.done() and run.status == "cancelled" and ended == ["cancelled"]
+    assert (await run.wait()).rows == []
+    run.start()  # an ended run does not start again
+    assert run.loop is None
+
+
+async def test_an_engine_failure_fails_the_run_and_wait_does_not_raise(monkeypatch):
+    import sandboxnb.runner
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(sandboxnb.runner, "rollout", broken)
+    run = sandboxnb.start(TASKS[:3], echo_agent, journal=None)
+    await run.wait()
+    assert run.status == "failed" and isinstance(run.error, RuntimeError) and run.done()
+    with pytest.raises(RuntimeError, match="engine bug"):
+        await run
+
+
+# -- results ----------------------------------------------------------------------------------
+async def test_load_gives_the_same_results_as_the_finished_run(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    run = await sandboxnb.run(TASKS, failing_agent, journal=journal, repeats=2, progress=False)
+    loaded = sandboxnb.load(journal)
+    assert isinstance(loaded, Results) and isinstance(run.results, Results)
+    assert loaded.counts() == run.counts() == {"error": 2, "ok": 6}
+    assert loaded.mean_reward() == run.mean_reward() == pytest.approx((1 + 1 + 0.75) * 2 / 6)
+    assert loaded.summary() == run.results.summary()
+    assert run.summary().startswith(loaded.summary() + "; wall ")
+    assert loaded.total == run.total == len(loaded) == 8
+    assert loaded.run_id == run.id and loaded.provider == "local"
+    pd.testing.assert_frame_equal(loaded.to_pandas(), run.to_pandas())
+
+
+def test_results_statistics_on_rows():
+    results = Results([
+        {"task_id": "a", "status": "ok", "reward": 1.0},
+        {"task_id": "b", "status": "error", "reward": None},
+        {"task_id": "c", "status": "ok", "reward": 0.0},
+        {"task_id": "d", "status": "timeout", "reward": math.nan},
+    ], total=6, name="x")
+    assert results.counts() == {"error": 1, "ok": 2, "timeout": 1}
+    assert results.rewards() == [1.0, 0.0] and results.mean_reward() == 0.5
+    assert [r["task_id"] for r in results.newest(2)] == ["d", "c"]
+    assert results.summary() == "4/6 rollouts (error 1, ok 2, timeout 1); mean reward 0.500"
+    assert math.isnan(Results().mean_reward())
+    assert Results().summary() == "0/0 rollouts (no rows); mean reward -"

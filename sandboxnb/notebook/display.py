@@ -35,8 +35,7 @@ def _run_bundle(ip: Any) -> Any:
             from sandboxnb.notebook.widgets import Monitor
         except ImportError:  # ipywidgets missing: plain displays
             return None
-        data = Monitor(run)._repr_mimebundle_()
-        data = data[0] if isinstance(data, tuple) else data
+        data, _metadata = ip.display_formatter.format(Monitor(run))
         return {**data, "text/plain": repr(run), "text/html": run_summary_html(run)}
 
     return bundle
