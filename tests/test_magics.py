@@ -226,3 +226,30 @@ def test_unload_releases_every_sandbox():
     assert "a" not in shell.user_ns and "b" not in shell.user_ns
     assert "sandbox" not in shell.magics_manager.magics["line"]
     assert "sandbox" not in shell.magics_manager.magics["cell"]
+
+
+def test_rich_displays_are_registered_by_the_extension(ip):
+    """Core classes keep plain reprs; the extension registers their HTML with IPython's
+    formatters (no widget outside a kernel) and unloading removes it."""
+    from sandboxnb.client import Sandbox
+    from sandboxnb.plan import make_plan
+    from sandboxnb.scheduler import Run
+
+    assert not hasattr(Run, "_repr_html_") and not hasattr(Run, "_repr_mimebundle_")
+    assert not hasattr(Sandbox, "_repr_html_")
+    run = Run(make_plan([{"id": "a", "grader": {"type": "match", "expected": "1"}}], "oracle",
+                        journal=None))
+    data, _ = ip.display_formatter.format(run)
+    assert data["text/plain"].startswith("<Run tasks ")
+    assert "<b>sandboxnb run</b>" in data["text/html"] and "0/1 rollouts" in data["text/html"]
+    assert not any("widget" in key for key in data)  # not a kernel: no live monitor
+    ip.run_line_magic("sandbox", "launch --name shown")
+    data, _ = ip.display_formatter.format(ip.user_ns["shown"].sandbox)
+    assert "sandboxnb Sandbox" in data["text/html"] and "open" in data["text/html"]
+    ip.run_line_magic("sandbox", "stop shown")
+    ip.run_line_magic("unload_ext", "sandboxnb")
+    try:
+        data, _ = ip.display_formatter.format(run)
+        assert "text/html" not in data
+    finally:
+        ip.run_line_magic("load_ext", "sandboxnb")  # the fixture unloads it again

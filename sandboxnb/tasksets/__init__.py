@@ -10,7 +10,7 @@ group, so another package adds a taskset without touching this one::
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from sandboxnb.tasks import TaskError, Taskset
@@ -28,13 +28,9 @@ BUILTIN: dict[str, str] = {
 }
 
 
-def _entry_points() -> list[EntryPoint]:
-    return list(entry_points(group=GROUP))
-
-
 def _registered() -> dict[str, str]:
     found = dict(BUILTIN)
-    for ep in _entry_points():
+    for ep in entry_points(group=GROUP):
         found.setdefault(ep.name, ep.value)
     return found
 
