@@ -19,7 +19,7 @@ from sandboxnb.journal import encode_row, read_journal
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COLUMNS", "Results", "load", "rows_to_frame", "write_rows"]
+__all__ = ["COLUMNS", "STATUSES", "Results", "load", "rows_to_frame", "write_rows"]
 
 COLUMNS = [
     "run_id",
@@ -43,7 +43,8 @@ COLUMNS = [
     "info",
 ]
 _CATEGORICAL = ["provider", "status", "image", "gpu"]
-_STATUSES = ["ok", "error", "timeout", "cancelled"]
+#: the status of a rollout's row
+STATUSES = ("ok", "error", "timeout", "cancelled")
 
 
 def is_reward(value: Any) -> bool:
@@ -154,7 +155,7 @@ def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame["started_at"] = pd.to_datetime(frame["started_at"], utc=True, format="ISO8601")
     for col in _CATEGORICAL:
         frame[col] = frame[col].astype("category")
-    frame["status"] = frame["status"].cat.set_categories(_STATUSES)
+    frame["status"] = frame["status"].cat.set_categories(list(STATUSES))
     return frame
 
 

@@ -12,11 +12,11 @@ from typing import Any
 from sandboxnb.agents import _REPEAT, Agent, current_repeat
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.providers.base import Provider
+from sandboxnb.results import STATUSES
 from sandboxnb.tasks import Task
 
 __all__ = ["ANSWER_CHARS", "STATUSES", "current_repeat", "rollout"]
 
-STATUSES = ("ok", "error", "timeout", "cancelled")
 #: Answers longer than this are truncated in result rows.
 ANSWER_CHARS = 20_000
 

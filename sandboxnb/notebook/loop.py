@@ -5,8 +5,8 @@ loop**, the asyncio loop the kernel runs cells on. Top-level ``await sb.exec(...
 runs (``sandboxnb.start``) and sandbox heartbeats share it and keep running between cells.
 
 * From another thread (ipywidgets callbacks may run on a subshell thread under JupyterLab
-  >= 4.4) work is handed over with :func:`submit` / :func:`call_soon`
-  (``call_soon_threadsafe``); such callbacks never block.
+  >= 4.4) work is handed over with :func:`submit` (``call_soon_threadsafe``); such callbacks
+  never block.
 * A magic is synchronous and runs *inside* the kernel loop. :func:`run_blocking` makes that loop
   re-entrant with ``nest_asyncio2``, applied lazily at the first blocking call (never at import),
   and runs it until the work is done. While it waits, SIGINT (Kernel > Interrupt) only cancels
@@ -37,7 +37,6 @@ from typing import Any, TypeVar
 
 __all__ = [
     "Job",
-    "call_soon",
     "forget_kernel_loop",
     "kernel_loop",
     "remember_kernel_loop",
@@ -158,14 +157,6 @@ async def wait_finished(job: Job, within_s: float | None = None) -> bool:
 def submit(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop | None = None) -> Job:
     """Run ``coro`` as a task on ``loop`` (default: the kernel loop), from any thread."""
     return Job(coro, loop or kernel_loop())
-
-
-def call_soon(fn: Callable[..., Any], *args: Any, loop: asyncio.AbstractEventLoop | None = None):
-    """Call ``fn(*args)`` on ``loop`` (default: the kernel loop), from any thread."""
-    loop = loop or kernel_loop()
-    if _running_loop() is loop:
-        return loop.call_soon(fn, *args)
-    return loop.call_soon_threadsafe(fn, *args)
 
 
 def run_blocking(
