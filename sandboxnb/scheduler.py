@@ -62,7 +62,7 @@ class Run:
         self.plan = plan
         self.name = plan.name
         self.results = Results(plan.previous, total=plan.total, name=plan.name)
-        self.status = "pending" if plan.rollouts else "done"
+        self.status = "pending"
         self.provider_name = plan.provider.name
         self.journal_path: Path | None = plan.journal
         self.started_at: datetime | None = None
@@ -75,8 +75,6 @@ class Run:
         self._done_callbacks: list[DoneCallback] = []
         self._ended: concurrent.futures.Future[Run] = concurrent.futures.Future()
         self._ended.set_running_or_notify_cancel()  # only _finish completes it
-        if self.status == "done":
-            self._finish("done")
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Run:

@@ -154,6 +154,11 @@ async def test_resume_skips_finished_rollouts(tmp_path):
     )
     assert resumed.total == 2 and len(resumed.rows) == 2
     assert [r["task_id"] for r in sandboxnb.load(journal).rows] == ["a", "b"]
+    nothing_left = await sandboxnb.run(
+        TASKS[:2], echo_agent, journal=journal, resume=True, progress=False
+    )
+    assert nothing_left.status == "done" and nothing_left.counts() == {"ok": 2}
+    assert len(sandboxnb.load(journal)) == 2
 
 
 def test_torn_last_journal_line_is_skipped(tmp_path):
