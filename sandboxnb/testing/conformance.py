@@ -29,6 +29,7 @@ import pytest_asyncio
 import sandboxnb
 from sandboxnb.client import connect
 from sandboxnb.config import RuntimeConfig, config_from_flat
+from sandboxnb.doctor import server_command_in_sandbox as read_server_command
 from sandboxnb.errors import ConfigError, ConnectionLost, SandboxError
 from sandboxnb.providers.base import Endpoint, Provider
 from sandboxnb.tasks import Taskset
@@ -97,13 +98,8 @@ async def wait_until(predicate: Callable[[], Any], within: float, what: str) -> 
 
 
 async def server_command_in_sandbox(endpoint: Endpoint, sandbox: Any) -> list[str]:
-    """The server's argv as the sandbox's OS sees it: ``/proc/<parent of a shell>/cmdline``."""
-    result = await sandbox.exec(["python3", "-c", (
-        "import os,sys; pid=os.getppid(); "
-        "sys.stdout.write(open(f'/proc/{pid}/cmdline','rb').read().decode().replace(chr(0), '\\n'))"
-    )])
-    assert result.exit_code == 0, result.stderr
-    return [arg for arg in result.stdout.split("\n") if arg]
+    """The server's argv as the sandbox's OS sees it (``/proc/<server>/cmdline``)."""
+    return await read_server_command(sandbox)
 
 
 def default_harness(spec: str) -> Harness:
