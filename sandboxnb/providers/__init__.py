@@ -85,7 +85,7 @@ def describe_providers() -> list[dict[str, Any]]:
             rows.append({
                 "provider": name, "available": False, "supports": "",
                 "reason": f"cannot import: {err} (try: pip install 'sandboxnb[{name}]')",
-                "description": "",
+                "transport": "", "description": "",
             })
             continue
         rows.append({
@@ -93,6 +93,7 @@ def describe_providers() -> list[dict[str, Any]]:
             "available": bool(status.available),
             "supports": ", ".join(sorted(supported)),
             "reason": "" if status.available else status.reason,
+            "transport": getattr(cls, "transport", ""),
             "description": getattr(cls, "description", ""),
         })
     return rows
