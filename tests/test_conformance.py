@@ -18,7 +18,7 @@ import pytest
 import sandboxnb
 from sandboxnb.client import connect
 from sandboxnb.config import ConfigError, RuntimeConfig, config_from_flat
-from sandboxnb.providers import Provider
+from sandboxnb.providers import Endpoint, Provider
 from sandboxnb.tasks import Taskset
 
 from .conftest import sandbox_server_pids
@@ -37,6 +37,8 @@ class Harness:
     unsupported: tuple[dict[str, Any], str]  # a config it must refuse, and the message
     #: (cpu, memory MiB) as the backend applied them, from (endpoint, connected sandbox)
     resources_seen: Callable[[Any, Any], Awaitable[tuple[float | None, int | None]]]
+    #: the server's argv as the backend records it
+    server_command: Callable[[Endpoint, Any], Awaitable[list[str]]] | None = None
 
 
 def _local() -> Iterator[Harness]:
@@ -106,7 +108,9 @@ def _modal() -> Iterator[Harness]:
 
 
 def _daytona() -> Iterator[Harness]:
-    from sandboxnb.providers.daytona import DaytonaProvider
+    import shlex
+
+    from sandboxnb.providers.daytona import SESSION, DaytonaProvider
     from sandboxnb.testing.daytona_emulator import DaytonaEmulator
 
     with DaytonaEmulator() as emu:
@@ -115,11 +119,17 @@ def _daytona() -> Iterator[Harness]:
             record = emu.sandbox(endpoint.sandbox_id)
             return float(record.cpu), record.memory * 1024  # Daytona speaks GiB
 
+        async def server_command(endpoint: Endpoint, sandbox: Any = None) -> list[str]:
+            # what the emulated toolbox ran in the sandbox's process session
+            (cmd,) = emu.sandbox(endpoint.sandbox_id).sessions[SESSION].values()
+            argv = shlex.split(cmd.command)
+            return argv[argv.index("exec") + 1:]
+
         yield Harness(
             "daytona", DaytonaProvider, lambda: set(emu.live_sandboxes()),
             lambda: len(emu.created),
             ({"resources": {"gpu": "A10G"}}, "daytona does not support resources.gpu.type"),
-            resources_seen,
+            resources_seen, server_command=server_command,
         )
 
 

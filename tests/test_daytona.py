@@ -160,7 +160,7 @@ async def test_keepalive_holds_and_autostop_stops_abandoned():
                     held = emu.sandbox(ep.sandbox_id)
                     assert held.state == "started" and held.activity_refreshes >= 5
                     assert emu.sandbox(abandoned.id).state == "stopped"
-                    assert emu.live_sandboxes() == [ep.sandbox_id]
+                    assert emu.live_sandboxes() == [held.id]
                 await abandoned.delete()
         finally:
             await prov.aclose()
@@ -170,7 +170,7 @@ async def test_keepalive_holds_and_autostop_stops_abandoned():
 async def test_teardown_on_error(emu, provider):
     with pytest.raises(RuntimeError, match="boom"):
         async with provider.sandbox(config_from_flat()) as ep:
-            assert emu.live_sandboxes() == [ep.sandbox_id]
+            assert emu.live_sandboxes() == [emu.sandbox(ep.sandbox_id).id]
             raise RuntimeError("boom")
     assert emu.live_sandboxes() == [] and emu.sandboxes == {}
 
