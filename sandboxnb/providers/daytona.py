@@ -1,78 +1,49 @@
-"""Daytona provider: a fresh Daytona sandbox per rollout, reached through Daytona's SSH gateway.
+"""Daytona provider: a Daytona sandbox per rollout, its server reached via Daytona's SSH gateway.
 
-``create``: (build a snapshot from ``image`` once) -> create the sandbox from it, named by the
-spec's id and carrying its labels -> upload the server zipapp and an env file (the token) through
-the toolbox -> start the server in a background process session; SSH access is connected
-meanwhile. ``address``: a local port forward to the server's fixed port inside the sandbox.
-
-Leak nets: Daytona's auto-stop stays on (``auto_stop_minutes``) while ``refresh_activity``
-keepalives hold a busy sandbox; the labels let ``gc`` find any sandbox again.
-
-Resources map to Daytona units: ``memory_mb``/``disk_mb`` -> GiB rounded up, ``cpu`` -> whole
-cores rounded up, ``gpu`` -> count plus a GPU type Daytona offers. Daytona fixes resources per
-snapshot: they need an ``image`` (one snapshot per image + resources); a named ``snapshot`` takes
-no resource overrides.
+``create`` builds a snapshot from ``image`` once (:mod:`.daytona_backend`), creates the sandbox
+from it (named by the spec's id, with its labels), uploads the server and its env through the
+toolbox and starts it in a process session while SSH access is connected; ``address`` forwards a
+local port to the server's fixed port. Daytona's auto-stop stays on as a leak net while
+``refresh_activity`` keepalives hold the sandbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.util
 import logging
-import math
 import os
-import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sandboxnb.config import RuntimeConfig
-from sandboxnb.errors import ConfigError, ProviderError, UnsupportedFieldError
+from sandboxnb.errors import ConfigError, ProviderError
 from sandboxnb.providers.base import Availability, Found, LaunchSpec, Provider
+from sandboxnb.providers.daytona_backend import (
+    DEFAULT_IMAGE,
+    GPU_TYPES,
+    Snapshots,
+    daytona_resources,
+    ssh_connect,
+    state_of,
+)
 from sandboxnb.providers.spec import LABEL, SERVER_BUNDLE_NAME
 
-__all__ = ["GPU_TYPES", "DaytonaProvider", "daytona_resources"]
+__all__ = ["GPU_TYPES", "DaytonaProvider", "DaytonaSandbox", "daytona_resources"]
 
 log = logging.getLogger("sandboxnb.providers.daytona")
 
-#: GPU models Daytona can allocate (``daytona.GpuType`` in SDK 0.226.1).
-GPU_TYPES = ("H100", "H200", "B200", "B300", "RTX-PRO-6000")
-DEFAULT_IMAGE = "python:3.12-slim"
+#: The toolbox process session the server runs in.
 SESSION = "sandboxnb-server"
 _SERVER, _ENV = f".sandboxnb/{SERVER_BUNDLE_NAME}", ".sandboxnb/env"
-_SSH_CMD = re.compile(r"(?:-p\s+(?P<port>\d+)\s+)?(?P<user>[^\s@]+)@(?P<host>[^\s:]+)")
-
-
-def daytona_resources(config: RuntimeConfig) -> dict[str, Any]:
-    """Daytona's units for ``config.resources``: cores, GiB (rounded up), GPU count and type."""
-    res, out = config.resources, {}
-    if res.cpu is not None:
-        out["cpu"] = math.ceil(res.cpu)
-    if res.memory_mb is not None:
-        out["memory"] = math.ceil(res.memory_mb / 1024)
-    if res.disk_mb is not None:
-        out["disk"] = math.ceil(res.disk_mb / 1024)
-    if res.gpu is not None:
-        kind = {t.upper(): t for t in GPU_TYPES}.get(res.gpu.type.upper())
-        if kind is None:
-            raise UnsupportedFieldError(
-                "daytona", "resources.gpu.type", res.gpu.type, GPU_TYPES,
-                message=f"daytona does not support resources.gpu.type = {res.gpu.type!r}; "
-                        f"accepted GPU types: {', '.join(GPU_TYPES)} (e.g. gpu='H100:2')")
-        out["gpu"], out["gpu_type"] = res.gpu.count, kind
-    return out
-
-
-def _state(obj: Any) -> str:
-    return str(getattr(obj.state, "value", obj.state))
 
 
 @dataclass(eq=False)
 class DaytonaSandbox:
-    """The handle: the SDK's sandbox, its server command, SSH connection, forward, keepalive."""
+    """The handle: the SDK's sandbox, the server's command id, SSH connection, forward."""
 
     sandbox: Any
     snapshot: str | None = None
@@ -86,13 +57,10 @@ class DaytonaSandbox:
 class DaytonaProvider(Provider):
     """Sandboxes on Daytona (``DAYTONA_API_KEY``; optionally ``DAYTONA_API_URL``/``_TARGET``).
 
-    Options: ``snapshot`` (an existing snapshot name) or ``image`` (a snapshot is built from it
-    once; a config's ``image`` wins), ``target`` (region), ``auto_stop_minutes`` (Daytona's
-    auto-stop, kept on as a leak net), ``keepalive_s`` (interval of ``refresh_activity`` while
-    held; default a quarter of the auto-stop interval, at most 60 s), ``server_port`` (inside the
-    sandbox), ``ssh_minutes`` (SSH access lifetime), ``session_id``, ``labels`` (extra labels),
-    ``api_url``, ``api_key`` (default from the environment), ``default_image`` (builds a snapshot
-    when resources are set without an image).
+    ``snapshot`` (an existing one) or ``image`` (a config's wins; ``default_image`` serves
+    resources without one), ``target``, ``auto_stop_minutes`` (never off), ``keepalive_s``
+    (default a quarter of auto-stop, at most 60 s), ``server_port`` (inside the sandbox),
+    ``ssh_minutes``, ``session_id``, ``labels`` (extra), ``api_url``/``api_key``.
     """
 
     name: ClassVar[str] = "daytona"
@@ -108,9 +76,7 @@ class DaytonaProvider(Provider):
                  ssh_minutes: int = 24 * 60, session_id: str | None = None,
                  labels: dict[str, str] | None = None, api_url: str | None = None,
                  api_key: str | None = None, default_image: str = DEFAULT_IMAGE) -> None:
-        if snapshot is not None and image is not None:
-            raise ConfigError(f"daytona snapshot = {snapshot!r} and image = {image!r}: "
-                              "give one (a snapshot is built from an image)")
+        self.snapshots = Snapshots(snapshot, image, default_image)
         if not isinstance(auto_stop_minutes, int) or auto_stop_minutes < 1:
             raise ConfigError(f"daytona auto_stop_minutes = {auto_stop_minutes!r}: expected an "
                               "int >= 1 (auto-stop is the leak net; it is never switched off)")
@@ -118,17 +84,16 @@ class DaytonaProvider(Provider):
             raise ConfigError(f"daytona keepalive_s = {keepalive_s!r}: expected seconds > 0")
         if not 0 < server_port < 65536:
             raise ConfigError(f"daytona server_port = {server_port!r}: expected 1..65535")
-        self.snapshot, self.image, self.target = snapshot, image, target
+        self.target = target
         self.auto_stop_minutes = auto_stop_minutes
         self.keepalive_s = keepalive_s or min(60.0, auto_stop_minutes * 60 / 4)
         self.server_port, self.ssh_minutes = server_port, ssh_minutes
         if session_id is not None:
             self.session_id = session_id
-        self.extra_labels, self.default_image = dict(labels or {}), default_image
+        self.extra_labels = dict(labels or {})
         self._api_url, self._api_key = api_url, api_key
         self._client: Any = None
-        self._client_lock, self._snapshot_lock = asyncio.Lock(), asyncio.Lock()
-        self._snapshots_ready: set[str] = set()
+        self._client_lock = asyncio.Lock()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -156,62 +121,20 @@ class DaytonaProvider(Provider):
                     target=self.target or os.environ.get("DAYTONA_TARGET")))
             return self._client
 
-    # -- config and snapshots ---------------------------------------------------------------
     def prepare(self, config: RuntimeConfig) -> RuntimeConfig:
-        """Reject GPU models Daytona lacks and resources on a fixed snapshot, up front."""
-        if daytona_resources(config) and config.image is None and self.snapshot is not None:
-            raise ConfigError(
-                f"daytona snapshot = {self.snapshot!r} fixes its resources; got resources "
-                f"{sorted(daytona_resources(config))}: pass image=... instead of snapshot= so "
-                "sandboxnb builds a snapshot with them")
+        self.snapshots.check(config)
         return config
-
-    def _snapshot_for(self, config: RuntimeConfig) -> tuple[str | None, str | None, dict]:
-        """(snapshot name or None for Daytona's default, image to build it from, resources)."""
-        resources, image = daytona_resources(config), config.image or self.image
-        if image is None and (self.snapshot is not None or not resources):
-            return self.snapshot, None, resources
-        image = image or self.default_image
-        key = hashlib.sha256(repr((image, sorted(resources.items()))).encode()).hexdigest()
-        slug = re.sub(r"[^a-z0-9]+", "-", image.lower()).strip("-")[:40]
-        return f"sandboxnb-{slug}-{key[:10]}", image, resources
-
-    async def _ensure_snapshot(self, name: str, image: str, resources: dict) -> None:
-        """Build snapshot ``name`` from ``image`` once (concurrent callers wait for one build)."""
-        from daytona import CreateSnapshotParams, DaytonaError, DaytonaNotFoundError, Resources
-
-        async with self._snapshot_lock:
-            if name in self._snapshots_ready:
-                return
-            client = await self._daytona()
-            try:
-                try:
-                    snap = await client.snapshot.get(name)
-                except DaytonaNotFoundError:
-                    log.info("daytona: building snapshot %s from image %s", name, image)
-                    snap = await client.snapshot.create(CreateSnapshotParams(
-                        name=name, image=image, resources=Resources(**resources)))
-                while _state(snap) not in ("active", "error", "build_failed"):
-                    await asyncio.sleep(1.0)
-                    snap = await client.snapshot.get(name)
-            except DaytonaError as err:
-                raise ProviderError(f"daytona snapshot {name!r} for image {image!r} failed to "
-                                    f"build: {err}") from None
-            if _state(snap) != "active":
-                raise ProviderError(
-                    f"daytona snapshot {name!r} for image {image!r} is {_state(snap)}: "
-                    f"{getattr(snap, 'error_reason', None) or 'no reason given'}")
-            self._snapshots_ready.add(name)
 
     # -- backend hooks ----------------------------------------------------------------------
     async def create(self, spec: LaunchSpec) -> DaytonaSandbox:
         from daytona import CreateSandboxFromSnapshotParams, DaytonaError
 
-        snapshot, image, resources = self._snapshot_for(spec.config)
+        snapshot, image, resources = self.snapshots.choose(spec.config)
+        client = await self._daytona()
         try:
             if image is not None and snapshot is not None:
-                await self._ensure_snapshot(snapshot, image, resources)
-            sandbox = await (await self._daytona()).create(CreateSandboxFromSnapshotParams(
+                await self.snapshots.ensure(client, snapshot, image, resources)
+            sandbox = await client.create(CreateSandboxFromSnapshotParams(
                 name=spec.sandbox_id, snapshot=snapshot, target=self.target,
                 labels={**self.extra_labels, **spec.labels},
                 auto_stop_interval=self.auto_stop_minutes),
@@ -220,7 +143,8 @@ class DaytonaProvider(Provider):
             raise ProviderError(f"daytona: {err}") from None
         box = DaytonaSandbox(sandbox, snapshot=snapshot or sandbox.snapshot, image=image)
         box.keepalive = asyncio.ensure_future(self._keepalive(sandbox))
-        box.ssh = asyncio.ensure_future(self._ssh(sandbox))  # overlaps with the server start
+        # SSH access and the gateway connection overlap with the server's start
+        box.ssh = asyncio.ensure_future(ssh_connect(sandbox, self.ssh_minutes))
         try:
             await self._start_server(box, spec)
         except BaseException as err:
@@ -246,33 +170,14 @@ class DaytonaProvider(Provider):
             SESSION, SessionExecuteRequest(command=command, run_async=True))
         box.cmd_id = cmd.cmd_id
 
-    async def _ssh(self, sandbox: Any) -> Any:
-        """SSH access (its token is the user name: never logged) and a connection to the gateway."""
-        import asyncssh
-
-        access = await sandbox.create_ssh_access(expires_in_minutes=self.ssh_minutes)
-        match = _SSH_CMD.search(access.ssh_command or "")
-        if match is None:
-            raise ProviderError("daytona: could not parse the SSH gateway address from the "
-                                "ssh-access response")
-        host, port = match.group("host"), int(match.group("port") or 22)
-        try:
-            return await asyncssh.connect(
-                host, port, username=access.token, known_hosts=None, client_keys=None,
-                agent_path=None, password=None, config=None, keepalive_interval=30)
-        except (OSError, asyncssh.Error) as err:
-            raise ProviderError(f"daytona: SSH gateway {host}:{port} refused the connection: "
-                                f"{type(err).__name__}") from None
-
     async def address(self, handle: DaytonaSandbox) -> str:
-        assert handle.ssh is not None
-        conn = await handle.ssh
+        conn = await handle.ssh  # type: ignore[misc]
         handle.forward = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1",
                                                        self.server_port)
         return f"tcp://127.0.0.1:{handle.forward.get_port()}"
 
     async def failure(self, handle: DaytonaSandbox) -> str | None:
-        """The server's process exited (its output says why), or the sandbox is no longer up."""
+        """The server's process exited (its output says why), or the sandbox is not up."""
         from daytona import DaytonaError
 
         process = handle.sandbox.process
@@ -281,11 +186,8 @@ class DaytonaProvider(Provider):
             if cmd.exit_code is None:
                 return None
             logs = await process.get_session_command_logs(SESSION, handle.cmd_id)
-        except DaytonaError as err:
-            with contextlib.suppress(DaytonaError):
-                await handle.sandbox.refresh_data()
-            state = _state(handle.sandbox)
-            return None if state in ("started", "starting") else f"the sandbox is {state}: {err}"
+        except DaytonaError as err:  # the toolbox answers a started sandbox
+            return f"its toolbox failed: {err}"
         output = "\n".join(s.strip() for s in (logs.stderr, logs.stdout) if s and s.strip())
         return (f"the server exited with code {cmd.exit_code} before it was ready; its output:\n"
                 f"{output[-1500:] or '(none)'}")
@@ -306,7 +208,7 @@ class DaytonaProvider(Provider):
                 log.warning("daytona keepalive for %s failed: %s", sandbox.id, err)
 
     async def destroy(self, handle: DaytonaSandbox) -> None:
-        """Stop the keepalive, close the forward and SSH connection, delete the sandbox."""
+        """Stop the keepalive, close the forward and the SSH connection, delete the sandbox."""
         from daytona import DaytonaNotFoundError
 
         ssh, handle.ssh = handle.ssh, None
@@ -330,7 +232,7 @@ class DaytonaProvider(Provider):
         query = ListSandboxesQuery(labels=dict(labels))
         return [Found(sb.labels.get(f"{LABEL}.sandbox_id", sb.id), DaytonaSandbox(sb), sb.labels)
                 async for sb in (await self._daytona()).list(query)
-                if _state(sb) != "destroyed"]
+                if state_of(sb) != "destroyed"]
 
     async def aclose(self) -> None:
         """Wait for releases in flight, then close the SDK client."""
@@ -340,6 +242,6 @@ class DaytonaProvider(Provider):
             await client.close()
 
     def __repr__(self) -> str:
-        what = (f"snapshot={self.snapshot!r}" if self.snapshot else
-                f"image={self.image!r}" if self.image else "default snapshot")
+        snaps = self.snapshots
+        what = f"snapshot={snaps.snapshot!r}" if snaps.snapshot else f"image={snaps.image!r}"
         return f"<DaytonaProvider {what} target={self.target!r}>"
