@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import shlex
 
 import asyncssh
 import pytest
