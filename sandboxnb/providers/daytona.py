@@ -232,7 +232,7 @@ class DaytonaProvider(Provider):
         query = ListSandboxesQuery(labels=dict(labels))
         return [Found(sb.labels.get(f"{LABEL}.sandbox_id", sb.id), DaytonaSandbox(sb), sb.labels)
                 async for sb in (await self._daytona()).list(query)
-                if state_of(sb) != "destroyed"]
+                if state_of(sb) not in ("destroyed", "destroying")]
 
     async def aclose(self) -> None:
         """Wait for releases in flight, then close the SDK client."""
