@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sandboxnb.providers import Endpoint
 from sandboxnb.testing.conformance import *  # noqa: F403
 from sandboxnb.testing.conformance import Harness
 
@@ -91,7 +92,9 @@ def _modal() -> Iterator[Harness]:
 
 
 def _daytona() -> Iterator[Harness]:
-    from sandboxnb.providers.daytona import DaytonaProvider
+    import shlex
+
+    from sandboxnb.providers.daytona import SESSION, DaytonaProvider
     from sandboxnb.testing.daytona_emulator import DaytonaEmulator
 
     with DaytonaEmulator() as emu:
@@ -100,11 +103,17 @@ def _daytona() -> Iterator[Harness]:
             record = emu.sandbox(endpoint.sandbox_id)
             return float(record.cpu), record.memory * 1024  # Daytona speaks GiB
 
+        async def server_command(endpoint: Endpoint, sandbox: Any = None) -> list[str]:
+            # what the emulated toolbox ran in the sandbox's process session
+            (cmd,) = emu.sandbox(endpoint.sandbox_id).sessions[SESSION].values()
+            argv = shlex.split(cmd.command)
+            return argv[argv.index("exec") + 1:]
+
         yield Harness(
             "daytona", DaytonaProvider, lambda: set(emu.live_sandboxes()),
             lambda: len(emu.created),
             ({"resources": {"gpu": "A10G"}}, "daytona does not support resources.gpu.type"),
-            resources_seen,
+            resources_seen, server_command=server_command,
         )
 
 

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -219,12 +220,23 @@ class Provider(abc.ABC):
                 await client.close()
                 client = None
                 yield endpoint
-        finally:
-            if state.timer is not None:
-                state.timer.cancel()
-            if client is not None:
-                await _close_quietly(client)
+        except BaseException:
+            # the error in flight is what the user must see; a failing release is logged
+            await self._end(state, client, raise_errors=False)
+            raise
+        await self._end(state, client, raise_errors=True)
+
+    async def _end(self, state: _Acquired, client: Sandbox | None, *, raise_errors: bool) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+        if client is not None:
+            await _close_quietly(client)
+        try:
             await self._release(state)
+        except ProviderError:
+            if raise_errors:
+                raise
+            log.exception("%s: releasing sandbox %s failed", self.name, state.spec.sandbox_id)
 
     async def _acquire(self, state: _Acquired) -> Sandbox:
         spec = state.spec
@@ -258,7 +270,7 @@ class Provider(abc.ABC):
 
     async def _wait_ready(self, state: _Acquired) -> Sandbox:
         """Connect and authenticate with backoff until the server answers (or never will)."""
-        from sandboxnb.client import connect
+        from sandboxnb.client import TLS_CA_ENV, connect
         from sandboxnb.errors import AuthenticationError, ConnectionLost, SandboxTimeout
 
         endpoint = state.endpoint
@@ -271,6 +283,12 @@ class Provider(abc.ABC):
             except AuthenticationError:
                 raise
             except (ConnectionLost, SandboxTimeout, OSError) as err:
+                if isinstance(err.__cause__, ssl.SSLCertVerificationError):
+                    raise ProviderError(
+                        f"{self.name}: the certificate of {endpoint.url} is not trusted "
+                        f"({err.__cause__.verify_message}); set {TLS_CA_ENV} to the CA file "
+                        "that signed it"
+                    ) from err
                 last = err
             reason = await self.failure(state.handle)
             if reason is not None:
