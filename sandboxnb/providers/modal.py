@@ -140,7 +140,7 @@ class ModalProvider(Provider):
         started = time.perf_counter()
         try:
             client, app = await self._open_app()
-            image = await self._resolve_image(spec.config.image or self.image)
+            image = await self._resolve_image(spec.config.image or self.image or DEFAULT_IMAGE)
         except BaseException:
             self._unsent.add(spec.sandbox_id)  # nothing was created: release need not look
             raise
