@@ -294,11 +294,12 @@ async def test_run_timeout_ends_the_sandbox(emu, provider):
 
 
 async def test_modal_lifetime_cap_is_the_backstop_when_the_owner_is_gone(emu, provider):
-    spec = provider.launch_spec(config_from_flat(timeout=1, startup_timeout_s=1))
+    unset = {"limits": {"run_timeout_s": 1, "startup_timeout_s": None, "idle_timeout_s": None}}
+    spec = provider.launch_spec(provider.check(RuntimeConfig().merge(unset)))
     handle = await provider.create(spec)  # no lifecycle: as if the kernel died right after
     try:
         rec = record(emu, spec.sandbox_id)
-        assert rec.timeout == 2
+        assert rec.timeout == 1
         await wait_for(lambda: not emu.live_sandboxes(), within=10)
         assert rec.end_reason == "timeout"
     finally:
@@ -307,8 +308,8 @@ async def test_modal_lifetime_cap_is_the_backstop_when_the_owner_is_gone(emu, pr
 
 
 async def test_server_options_follow_the_one_policy(emu, provider):
-    async with provider.sandbox(config_from_flat(idle_timeout_s=None,
-                                                 startup_timeout_s=None)) as endpoint:
+    unset = {"limits": {"startup_timeout_s": None, "idle_timeout_s": None}}
+    async with provider.sandbox(RuntimeConfig().merge(unset)) as endpoint:
         rec = record(emu, endpoint.sandbox_id)
     args = rec.entrypoint[4 + int(rec.entrypoint[3]):]  # after python3 -c BOOT N CHUNKS
     assert args == ["--sandbox-id", endpoint.sandbox_id, "--startup-timeout", "0",
