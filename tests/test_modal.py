@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -283,6 +285,27 @@ async def test_live_sandboxes_and_reap_by_tags(emu, provider):
         finally:
             await other.aclose()
     assert await provider.live_sandboxes() == []
+
+
+async def test_gc_finds_and_releases_an_orphan_by_its_tags(emu, provider):
+    spec = provider.launch_spec(provider.check(RuntimeConfig()))
+    await provider.create(spec)  # an owner that died before any teardown
+    listed = await asyncio.to_thread(_gc, "--runtime", "modal")
+    assert listed.returncode == 0 and spec.sandbox_id in listed.stdout, listed.stderr
+    assert live(emu) == [spec.sandbox_id]
+    released = await asyncio.to_thread(_gc, "--runtime", "modal", "--delete")
+    assert released.returncode == 0 and spec.sandbox_id in released.stdout, released.stderr
+    assert emu.live_sandboxes() == [] and record(emu, spec.sandbox_id).end_reason == "terminated"
+    other = ModalProvider(session_id="another-session")
+    try:
+        assert await other.live_sandboxes() == [] and await other.reap() == []
+    finally:
+        await other.aclose()
+
+
+def _gc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandboxnb", "gc", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
 
 
 async def test_run_timeout_ends_the_sandbox(emu, provider):

@@ -1,23 +1,16 @@
-"""The ``modal`` provider: one Modal Sandbox per acquisition, reached through a TLS tunnel.
+"""The ``modal`` provider: one Modal Sandbox per acquisition, its server behind a TLS tunnel.
 
-Backend translation only; the lifecycle (readiness, deadlines, release) is the base's. The
-entrypoint is a tiny ``python3 -c`` bootstrap that unpacks the server zipapp (shipped compressed
-in its arguments) and execs it, so any image with ``python3`` >= 3.9 works. The token travels in
-the sandbox's environment, never on argv. The server port is exposed through an encrypted tunnel
-(``tls://``); a plain one (``unencrypted_ports``, deprecated by Modal) only with
-``encrypted=False``.
+The entrypoint is a ``python3 -c`` bootstrap that unpacks the server zipapp (shipped compressed in
+its arguments) and execs it, so any image with ``python3`` >= 3.9 works; the token travels in the
+environment. A plain tunnel (``unencrypted_ports``, deprecated by Modal) only with
+``encrypted=False``. Images: a registry reference, ``modal://NAME[:TAG]`` (``Image.publish``),
+``im-...`` or a ``modal.Image``, each resolved once per provider. ``memory_mb`` is both request and
+hard limit; ``gpu`` is ``"TYPE[:N]"``; ``idle_timeout_s`` is also Modal's ``idle_timeout``. Tags are
+the spec's labels as they are (Modal takes any tag key).
 
-Images (a config's ``image``, else the provider's ``image``, else ``python:3.11-slim``): a
-registry reference, ``modal://NAME[:TAG]`` (``Image.publish``), ``im-...`` (an image id) or a
-``modal.Image``; each is resolved once per provider behind a lock.
-
-Mapping: ``cpu`` -> ``cpu``, ``memory_mb`` -> ``memory=(MiB, MiB)`` (request = hard limit),
-``gpu`` -> ``gpu="TYPE[:N]"``, ``idle_timeout_s`` -> ``idle_timeout`` (and the server's dead-man
-switch). Modal caps every sandbox's lifetime (``timeout``, counted from create): it is
-``startup_timeout_s + run_timeout_s`` so the base's run timeout (counted from ready) decides and
-Modal's cap is the backstop when the kernel dies; with ``run_timeout_s = None`` it is Modal's
-maximum, 24 h. Tags are the spec's labels as they are (Modal accepts any tag key). Credentials
-come the SDK's way: ``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET`` or a profile in ``~/.modal.toml``.
+Modal caps a sandbox's lifetime (``timeout``, counted from create): it is ``startup_timeout_s +
+run_timeout_s``, so the base's run timeout (counted from ready) decides and the cap is the
+backstop when the kernel dies; with ``run_timeout_s = None`` it is Modal's maximum, 24 h.
 """
 
 from __future__ import annotations
@@ -39,6 +32,7 @@ from sandboxnb.bundle import bundle_bytes
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.errors import ConfigError, ProviderError, UnsupportedFieldError
 from sandboxnb.providers.base import LABEL, Availability, Found, LaunchSpec, Provider
+from sandboxnb.providers.modal_sdk import PUBLISHED_PREFIX, ModalSession, availability, is_image
 from sandboxnb.providers.spec import SERVER_BUNDLE_NAME
 
 __all__ = ["DEFAULT_IMAGE", "KNOWN_GPUS", "MAX_TIMEOUT_S", "ModalProvider", "ModalSandbox"]
@@ -49,7 +43,6 @@ KNOWN_GPUS = frozenset({"ANY", "T4", "L4", "A10", "A10G", "A100", "A100-40GB", "
                         "L40S", "H100", "H100!", "H200", "B200", "B200+", "RTX-PRO-6000"})
 MAX_GPU_COUNT = 8
 MAX_TIMEOUT_S = 24 * 3600  # Modal's longest sandbox lifetime
-PUBLISHED_PREFIX = "modal://"
 _PORT = 7000
 _POLL_EVERY_S = 0.2
 _CHUNK = 96 * 1024  # one argv string stays well below the kernel's 128 KiB per-argument cap
@@ -100,36 +93,35 @@ class ModalProvider(Provider):
                  token_secret: str | None = None) -> None:
         if not app_name or not isinstance(app_name, str):
             raise ConfigError(f"modal app_name = {app_name!r}: expected a non-empty string")
-        if image is not None and not (isinstance(image, str) and image) and not _is_image(image):
+        if image is not None and not (isinstance(image, str) and image) and not is_image(image):
             raise ConfigError(f"modal image = {image!r}: expected a registry reference "
                               f"('python:3.11-slim'), '{PUBLISHED_PREFIX}NAME', an image id "
                               "'im-...' or a modal.Image")
         if bool(token_id) != bool(token_secret):
             raise ConfigError("modal token_id/token_secret: give both or neither")
-        self.app_name, self.image, self.environment_name = app_name, image, environment_name
-        self.encrypted, self.region, self.cloud = bool(encrypted), region, cloud
+        self.app_name, self.image, self.encrypted = app_name, image, bool(encrypted)
+        self.region, self.cloud = region, cloud
         self.env, self.extra_tags = dict(env or {}), dict(tags or {})
         if session_id:
             self.session_id = session_id
-        self._token = (token_id, token_secret) if token_id else None
-        self._client: Any = None
-        self._app: Any = None
-        self._app_lock = asyncio.Lock()
-        self._image_locks: dict[Any, asyncio.Lock] = {}
-        self._images: dict[Any, Any] = {}
-        self._unsent: set[str] = set()  # sandbox ids whose create failed before the RPC
+        self.sdk = ModalSession(app_name, environment_name,
+                                (token_id, token_secret) if token_id and token_secret else None)
+        self._unsent: set[str] = set()  # sandbox ids whose create failed before its RPC
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return availability()
 
     def prepare(self, config: RuntimeConfig) -> RuntimeConfig:
         gpu, run = config.resources.gpu, config.limits.run_timeout_s
         if gpu is not None and gpu.type.upper() not in KNOWN_GPUS:
-            _refuse("resources.gpu.type", gpu.type, f"{', '.join(sorted(KNOWN_GPUS))} "
-                    "(optionally 'TYPE:N')")
+            _refuse("resources.gpu.type", gpu.type,
+                    f"{', '.join(sorted(KNOWN_GPUS))} (optionally 'TYPE:N')")
         if gpu is not None and gpu.count > MAX_GPU_COUNT:
             _refuse("resources.gpu.count", gpu.count, f"1..{MAX_GPU_COUNT}")
         if run is not None and run > MAX_TIMEOUT_S:
-            _refuse("limits.run_timeout_s", run, f"up to {MAX_TIMEOUT_S} (Modal's longest "
-                    "sandbox lifetime)")
-        if config.image is None and not _is_image(self.image):
+            _refuse("limits.run_timeout_s", run, f"up to {MAX_TIMEOUT_S} (Modal's maximum)")
+        if config.image is None and not is_image(self.image):
             config = config.merge({"image": self.image or DEFAULT_IMAGE})
         return config
 
@@ -139,8 +131,8 @@ class ModalProvider(Provider):
 
         started = time.perf_counter()
         try:
-            client, app = await self._open_app()
-            image = await self._resolve_image(spec.config.image or self.image or DEFAULT_IMAGE)
+            client, app = await self.sdk.open()
+            image = await self.sdk.image(spec.config.image or self.image or DEFAULT_IMAGE)
         except BaseException:
             self._unsent.add(spec.sandbox_id)  # nothing was created: release need not look
             raise
@@ -152,22 +144,17 @@ class ModalProvider(Provider):
             "env": {**self.env, **spec.server_env(), "PYTHONUNBUFFERED": "1"},
             "tags": {**self.extra_tags, **spec.labels},
             ("encrypted_ports" if self.encrypted else "unencrypted_ports"): [_PORT],
+            "idle_timeout": lim.idle_timeout_s and max(1, math.ceil(lim.idle_timeout_s)),
+            "cpu": res.cpu and float(res.cpu),
+            "memory": res.memory_mb and (res.memory_mb, res.memory_mb),
+            "gpu": res.gpu and str(res.gpu), "region": self.region, "cloud": self.cloud,
         }
-        if lim.idle_timeout_s is not None:
-            kwargs["idle_timeout"] = max(1, math.ceil(lim.idle_timeout_s))
-        if res.cpu is not None:
-            kwargs["cpu"] = float(res.cpu)
-        if res.memory_mb is not None:
-            kwargs["memory"] = (res.memory_mb, res.memory_mb)
-        if res.gpu is not None:
-            kwargs["gpu"] = str(res.gpu)
-        kwargs.update({k: v for k, v in (("region", self.region), ("cloud", self.cloud)) if v})
-        argv = [*_bootstrap(), *spec.server_args(listen=["--host", "0.0.0.0", "--port",
-                                                         str(_PORT)])]
+        listen = ["--host", "0.0.0.0", "--port", str(_PORT)]
         sent = time.perf_counter()
         try:
-            sb = await modal.Sandbox.create.aio(*argv, app=app, image=image, client=client,
-                                                **kwargs)
+            sb = await modal.Sandbox.create.aio(
+                *_bootstrap(), *spec.server_args(listen=listen), app=app, image=image,
+                client=client, **{k: v for k, v in kwargs.items() if v is not None})
         except modal.exception.Error as err:
             raise ProviderError(f"modal: Sandbox.create failed ({type(err).__name__}: {err})"
                                 ) from err
@@ -185,14 +172,12 @@ class ModalProvider(Provider):
     async def failure(self, handle: ModalSandbox) -> str | None:
         if self.encrypted and not handle.trust_checked:
             handle.trust_checked = True
-            reason = await _tls_untrusted(handle.tunnel["host"], handle.tunnel["port"])
-            if reason:
+            if reason := await _tls_untrusted(handle.tunnel["host"], handle.tunnel["port"]):
                 return reason
         if time.monotonic() < handle.next_poll:
             return None
         handle.next_poll = time.monotonic() + _POLL_EVERY_S
-        code = await handle.sb.poll.aio()
-        if code is None:
+        if (code := await handle.sb.poll.aio()) is None:
             return None
         return (f"Modal sandbox {handle.sb.object_id} exited with code {code} before its server "
                 "answered (the image needs python3 >= 3.9 on PATH; 127 means no python3)")
@@ -215,7 +200,7 @@ class ModalProvider(Provider):
         if wanted in self._unsent:
             self._unsent.discard(wanted)
             return []
-        client, app = await self._open_app()
+        client, app = await self.sdk.open()
         found = []
         async for sb in modal.Sandbox.list.aio(app_id=app.app_id, tags=dict(labels),
                                                client=client):
@@ -226,68 +211,7 @@ class ModalProvider(Provider):
 
     async def aclose(self) -> None:
         await super().aclose()
-        client, self._client, self._app = self._client, None, None
-        self._images.clear()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close.aio()
-
-    # -- the SDK's client, app and images, once per provider -------------------------------
-    async def _open_app(self) -> tuple[Any, Any]:
-        import modal
-
-        async with self._app_lock:
-            if self._app is None:
-                token_id, token_secret = self._token or _credentials()[:2]
-                if not (token_id and token_secret):
-                    raise ProviderError(f"modal: {self.availability().reason}")
-                client = await modal.Client.from_credentials.aio(token_id, token_secret)
-                try:
-                    self._app = await modal.App.lookup.aio(
-                        self.app_name, create_if_missing=True, client=client,
-                        environment_name=self.environment_name)
-                except modal.exception.Error as err:
-                    with contextlib.suppress(Exception):
-                        await client.close.aio()
-                    raise ProviderError(f"modal: cannot open app {self.app_name!r} "
-                                        f"({type(err).__name__}: {err})") from err
-                self._client = client
-        return self._client, self._app
-
-    async def _resolve_image(self, ref: Any) -> Any:
-        import modal
-
-        key = ref if isinstance(ref, str) else id(ref)
-        async with self._image_locks.setdefault(key, asyncio.Lock()):
-            if key not in self._images:
-                image = ref
-                if isinstance(ref, str) and ref.startswith(PUBLISHED_PREFIX):
-                    image = modal.Image.from_name(ref[len(PUBLISHED_PREFIX):])
-                elif isinstance(ref, str):
-                    image = (modal.Image.from_id if ref.startswith("im-")
-                             else modal.Image.from_registry)(ref)
-                try:
-                    await image.build.aio(self._app)
-                except modal.exception.Error as err:
-                    raise ProviderError(f"modal: image {ref!r} could not be resolved "
-                                        f"({type(err).__name__}: {err})") from err
-                self._images[key] = image
-        return self._images[key]
-
-    @classmethod
-    def availability(cls) -> Availability:
-        try:
-            import modal  # noqa: F401
-        except ImportError:
-            return Availability(False, "the modal SDK is missing: pip install 'sandboxnb[modal]'")
-        token_id, token_secret, source = _credentials()
-        if not (token_id and token_secret):
-            return Availability(False, "no Modal credentials: set MODAL_TOKEN_ID and "
-                                "MODAL_TOKEN_SECRET, or run `modal token new` (profile in "
-                                "~/.modal.toml, or MODAL_CONFIG_PATH/MODAL_PROFILE)")
-        server = os.environ.get("MODAL_SERVER_URL")
-        return Availability(True, f"credentials from {source}" + (f" at {server}" if server
-                                                                   else ""))
+        await self.sdk.close()
 
 
 def _refuse(field_name: str, value: Any, accepted: str) -> NoReturn:
@@ -307,27 +231,7 @@ async def _tls_untrusted(host: str, port: int) -> str | None:
     except ssl.SSLCertVerificationError as err:
         return (f"TLS verification of tunnel {host}:{port} failed ({err.verify_message}); set "
                 f"{TLS_CA_ENV} to the CA file if the tunnel uses a private CA")
-    except (OSError, TimeoutError):
+    except OSError:  # TimeoutError too: not a trust problem
         return None
     writer.close()
     return None
-
-
-def _credentials() -> tuple[str | None, str | None, str]:
-    """(token id, token secret, where they came from) as the Modal SDK would resolve them."""
-    env_id, env_secret = os.environ.get("MODAL_TOKEN_ID"), os.environ.get("MODAL_TOKEN_SECRET")
-    if env_id and env_secret:
-        return env_id, env_secret, "MODAL_TOKEN_ID/MODAL_TOKEN_SECRET"
-    try:
-        from modal.config import config, user_config_path
-    except ImportError:
-        return None, None, ""
-    return config.get("token_id"), config.get("token_secret"), f"profile in {user_config_path}"
-
-
-def _is_image(value: Any) -> bool:
-    try:
-        import modal
-    except ImportError:
-        return False
-    return isinstance(value, modal.Image)
