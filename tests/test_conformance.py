@@ -9,6 +9,7 @@ engine, the emulator), never of the provider's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,9 +88,11 @@ def _modal() -> Iterator[Harness]:
             rec = record(endpoint.sandbox_id)
             return rec.cpu, rec.memory_mb
 
-        def argvs(root: int) -> list[list[str]]:
-            return [[a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                     if a] for pid in sorted(descendants(root))]
+        def argvs(root: int) -> Iterator[list[str]]:
+            for pid in sorted(descendants(root)):
+                with contextlib.suppress(OSError):  # a process that just ended
+                    yield [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes()
+                           .split(b"\0") if a]
 
         async def server_command(endpoint, sandbox) -> list[str]:
             # what the emulated sandbox runs once the bootstrap exec'd: its host process table
