@@ -9,8 +9,10 @@ engine, the emulator), never of the provider's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +21,7 @@ from sandboxnb.providers import Endpoint
 from sandboxnb.testing.conformance import *  # noqa: F403
 from sandboxnb.testing.conformance import Harness
 
-from .conftest import sandbox_server_pids
+from .conftest import descendants, sandbox_server_pids
 from .shell_provider import ShellProvider
 
 MiB = 1024 * 1024
@@ -75,18 +77,36 @@ def _docker() -> Iterator[Harness]:
 
 def _modal() -> Iterator[Harness]:
     from sandboxnb.providers.modal import ModalProvider
+    from sandboxnb.providers.spec import SERVER_BUNDLE_NAME
     from sandboxnb.testing.modal_emulator import ModalEmulator
 
     with ModalEmulator() as emu:
 
+        def record(sandbox_id: str) -> Any:  # the control plane's record, by our sandbox's tag
+            return next(c for c in emu.creates if c.tags.get("sandboxnb.sandbox_id") == sandbox_id)
+
         async def resources_seen(endpoint, sandbox) -> tuple[float | None, int | None]:
-            record = next(c for c in emu.creates if c.sandbox_id == endpoint.sandbox_id)
-            return record.cpu, record.memory_mb
+            rec = record(endpoint.sandbox_id)
+            return rec.cpu, rec.memory_mb
+
+        def argvs(root: int) -> Iterator[list[str]]:
+            for pid in sorted(descendants(root)):
+                with contextlib.suppress(OSError):  # a process that just ended
+                    yield [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes()
+                           .split(b"\0") if a]
+
+        async def server_command(endpoint, sandbox) -> list[str]:
+            # what the emulated sandbox runs once the bootstrap exec'd: its host process table
+            box = emu.servicer.sandboxes[record(endpoint.sandbox_id).sandbox_id].box
+            for argv in argvs(box.host_pid):
+                if len(argv) > 1 and argv[1].endswith(SERVER_BUNDLE_NAME):
+                    return argv
+            raise AssertionError(f"no server process in modal sandbox {endpoint.sandbox_id}")
 
         yield Harness(
             "modal", ModalProvider, lambda: set(emu.live_sandboxes()), lambda: len(emu.creates),
             ({"resources": {"disk_mb": 10240}}, "modal does not support resources.disk_mb"),
-            resources_seen,
+            resources_seen, server_command,
         )
         assert not emu.unimplemented_calls, emu.unimplemented_calls
 
