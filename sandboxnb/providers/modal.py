@@ -15,13 +15,10 @@ backstop when the kernel dies; with ``run_timeout_s = None`` it is Modal's maxim
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
 import math
-import os
-import ssl
 import time
 import zlib
 from collections.abc import Mapping
@@ -71,7 +68,6 @@ class ModalSandbox:
     tunnel: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     next_poll: float = 0.0
-    trust_checked: bool = False
 
 
 class ModalProvider(Provider):
@@ -170,10 +166,6 @@ class ModalProvider(Provider):
         return f"{'tls' if self.encrypted else 'tcp'}://{host}:{port}"
 
     async def failure(self, handle: ModalSandbox) -> str | None:
-        if self.encrypted and not handle.trust_checked:
-            handle.trust_checked = True
-            if reason := await _tls_untrusted(handle.tunnel["host"], handle.tunnel["port"]):
-                return reason
         if time.monotonic() < handle.next_poll:
             return None
         handle.next_poll = time.monotonic() + _POLL_EVERY_S
@@ -217,21 +209,3 @@ class ModalProvider(Provider):
 def _refuse(field_name: str, value: Any, accepted: str) -> NoReturn:
     raise UnsupportedFieldError("modal", field_name, value, (), message=(
         f"modal does not support {field_name} = {value!r}; accepted: {accepted}"))
-
-
-async def _tls_untrusted(host: str, port: int) -> str | None:
-    """Why the tunnel's certificate is refused (as the client would refuse it), or None."""
-    from sandboxnb.client import TLS_CA_ENV
-
-    ctx = ssl.create_default_context()
-    if os.environ.get(TLS_CA_ENV):
-        ctx.load_verify_locations(cafile=os.environ[TLS_CA_ENV])
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 10)
-    except ssl.SSLCertVerificationError as err:
-        return (f"TLS verification of tunnel {host}:{port} failed ({err.verify_message}); set "
-                f"{TLS_CA_ENV} to the CA file if the tunnel uses a private CA")
-    except OSError:  # TimeoutError too: not a trust problem
-        return None
-    writer.close()
-    return None
