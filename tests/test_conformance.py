@@ -18,7 +18,7 @@ import pytest
 import sandboxnb
 from sandboxnb.client import connect
 from sandboxnb.config import ConfigError, RuntimeConfig, config_from_flat
-from sandboxnb.providers import Provider
+from sandboxnb.providers import Endpoint, Provider
 from sandboxnb.tasks import Taskset
 
 from .conftest import sandbox_server_pids
@@ -37,6 +37,8 @@ class Harness:
     unsupported: tuple[dict[str, Any], str]  # a config it must refuse, and the message
     #: (cpu, memory MiB) as the backend applied them, from (endpoint, connected sandbox)
     resources_seen: Callable[[Any, Any], Awaitable[tuple[float | None, int | None]]]
+    #: the server's argv as the backend records it (not the provider's own bookkeeping)
+    server_command: Callable[[Endpoint], Awaitable[list[str]]] | None = None
 
 
 def _local() -> Iterator[Harness]:
@@ -76,12 +78,16 @@ def _docker() -> Iterator[Harness]:
         host = client.api.inspect_container(endpoint.meta["container_id"])["HostConfig"]
         return host["NanoCpus"] / 1e9, host["Memory"] // MiB
 
+    async def server_command(endpoint: Endpoint) -> list[str]:  # what the engine runs
+        info = await asyncio.to_thread(client.api.inspect_container, endpoint.meta["container_id"])
+        return [info["Path"], *info["Args"]]
+
     try:
         yield Harness(
             "docker", DockerProvider, lambda: {c["Id"] for c in containers()},
             lambda: len(containers()),
             ({"resources": {"gpu": "H100"}}, "docker does not support resources.gpu.type"),
-            resources_seen,
+            resources_seen, server_command=server_command,
         )
     finally:
         client.close()
