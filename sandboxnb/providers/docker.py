@@ -1,15 +1,10 @@
-"""Docker provider: one fresh container per sandbox, on a local engine or ``DOCKER_HOST``.
+"""Docker provider: one fresh ``--rm`` container per sandbox, on a local engine or ``DOCKER_HOST``.
 
-Any image with ``python3`` (>= 3.9) works: the stdlib-only server is copied into the container as
-a zipapp before it starts. It listens on a fixed port inside the container, published on
-``127.0.0.1`` only (an ephemeral host port). Containers carry the launch spec's labels, so they
-are found again (``gc``, leak checks). The ``docker`` SDK is synchronous: every call runs in the
-provider's own thread pool, never on the event loop.
-
-Resources: ``cpu`` -> ``--cpus``, ``memory_mb`` -> ``--memory`` (swap included: a hard cap),
-``gpu`` -> ``--gpus N`` (a count only: Docker cannot select a GPU model). ``limits`` follow the
-one policy of :mod:`sandboxnb.providers.spec`; a server that exits (its dead-man switch) takes
-its container with it (``--rm``).
+Any image with ``python3`` (>= 3.9) works: the server zipapp is copied in before the container
+starts. It listens on port :data:`PORT` inside, published on ``127.0.0.1`` (an ephemeral host
+port). The synchronous ``docker`` SDK runs in the provider's own threads, never on the loop.
+``cpu`` -> ``--cpus``, ``memory_mb`` -> ``--memory`` (swap included: a hard cap), ``gpu`` ->
+``--gpus N`` (a count only: Docker cannot select a GPU model).
 """
 
 from __future__ import annotations
@@ -43,7 +38,6 @@ BUSYBOX_IMAGE = os.environ.get("SANDBOXNB_BUSYBOX_IMAGE", "sandboxnb/busybox:lat
 SETUP_HINT = "run `sudo bash scripts/setup-docker`"
 PORT = 7000  # the server's port inside every container
 SERVER = f"/opt/sandboxnb/{SERVER_BUNDLE_NAME}"
-_GENERIC_GPU = frozenset({"any", "gpu", "nvidia"})
 _T = TypeVar("_T")
 
 
@@ -53,7 +47,7 @@ def _gpu_count(config: RuntimeConfig) -> int | None:
     if gpu is None:
         return None
     kind = gpu.type.strip().lower()
-    if kind in _GENERIC_GPU:
+    if kind in ("any", "gpu", "nvidia"):
         return gpu.count
     if kind.isdigit() and gpu.count == 1:  # "gpu: 2" parses as type "2"
         return int(kind)
@@ -61,34 +55,28 @@ def _gpu_count(config: RuntimeConfig) -> int | None:
         "docker", "resources.gpu.type", gpu.type, ["resources.gpu count"],
         message=f"docker does not support resources.gpu.type (got {gpu.type!r} in gpu="
         f"{str(gpu)!r}): Docker selects GPUs by count only; accepted: a count such as gpu='2' "
-        f"or gpu='any:{gpu.count}' (use a cloud provider to pick a GPU model)",
-    )
+        f"or gpu='any:{gpu.count}' (use a cloud provider to pick a GPU model)")
 
 
 @dataclass
 class Container:
-    """One sandbox container, and the last lines of its output (drained in a thread)."""
+    """One sandbox container; a thread keeps the end of its output, then its exit code."""
 
     sandbox_id: str
     cid: str
-    name: str = ""
     image: str = ""
-    started: float = 0.0
     host_port: int | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
-    ended: threading.Event = field(default_factory=threading.Event)  # its output stream closed
+    exit_code: int | None = None
+    destroyed: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)  # output over, code known
 
 
 class DockerProvider(Provider):
-    """Sandboxes as Docker containers running the sandboxnb server.
-
-    Options: ``image`` (default :data:`DEFAULT_IMAGE`; a config's ``image`` wins), ``base_url``
-    (engine URL; default ``DOCKER_HOST`` or the local socket), ``network`` (default
-    ``"bridge"``), ``bind_host``/``connect_host`` (where the port is published and reached),
-    ``pids_limit``, ``init`` (``--init``), ``pull`` (pull a missing image), ``env`` (extra
-    container environment), ``labels`` (extra labels), ``max_workers`` (threads for SDK calls),
-    ``session_id``, ``api_timeout_s``.
-    """
+    """Sandboxes as Docker containers. ``image`` is the default (a config's wins); ``base_url``
+    defaults to ``DOCKER_HOST`` or the local socket; ``bind_host``/``connect_host`` are where the
+    port is published and reached; ``env``/``labels`` are added to every container; ``pull``
+    pulls a missing image; ``max_workers`` threads make the SDK calls."""
 
     name: ClassVar[str] = "docker"
     supported: ClassVar[frozenset[str]] = frozenset(
@@ -103,8 +91,7 @@ class DockerProvider(Provider):
                  labels: dict[str, str] | None = None, max_workers: int = 64,
                  session_id: str | None = None, api_timeout_s: float = 120.0) -> None:
         if not image:
-            raise ConfigError(f"docker image = {image!r}: expected an image name such as "
-                              f"{DEFAULT_IMAGE!r}")
+            raise ConfigError(f"docker image = {image!r}: expected a name like {DEFAULT_IMAGE!r}")
         if network in ("none", "host"):
             raise ConfigError(
                 f"docker network = {network!r}: the server port must be published; accepted: "
@@ -121,16 +108,13 @@ class DockerProvider(Provider):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._client: Any = None
         self._lock = threading.Lock()
-        self._pull_locks: dict[str, threading.Lock] = {}
 
-    # -- plumbing: the SDK runs in our threads ------------------------------------------------
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.max_workers, thread_name_prefix="sandboxnb-docker")
-            pool = self._pool
-        return await asyncio.wrap_future(pool.submit(fn, *args))
+        """Run an SDK call in the provider's threads."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.max_workers,
+                                                               "sandboxnb-docker")
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     def _docker(self) -> Any:
         """The shared SDK client (created on first use, in a worker thread)."""
@@ -150,16 +134,14 @@ class DockerProvider(Provider):
 
     def run_kwargs(self, spec: LaunchSpec) -> dict[str, Any]:
         """What ``containers.create`` gets for ``spec``."""
-        res = spec.config.resources
+        res, listen = spec.config.resources, ["--host", "0.0.0.0", "--port", str(PORT)]
         kwargs: dict[str, Any] = {
-            "image": spec.config.image or self.image,
-            "command": ["python3", SERVER,
-                        *spec.server_args(listen=["--host", "0.0.0.0", "--port", str(PORT)])],
-            "name": f"sandboxnb-{spec.sandbox_id}",
+            "image": spec.config.image or self.image, "name": f"sandboxnb-{spec.sandbox_id}",
+            "command": ["python3", SERVER, *spec.server_args(listen=listen)],
             "labels": {**self.extra_labels, **spec.labels},
             "environment": {**self.env, **spec.server_env(), "PYTHONUNBUFFERED": "1"},
-            "ports": {f"{PORT}/tcp": (self.bind_host, None)},
-            "network": self.network, "auto_remove": True, "init": self.init, "detach": True,
+            "ports": {f"{PORT}/tcp": (self.bind_host, None)}, "network": self.network,
+            "auto_remove": True, "init": self.init, "detach": True,
         }
         if self.pids_limit:
             kwargs["pids_limit"] = self.pids_limit
@@ -175,8 +157,8 @@ class DockerProvider(Provider):
         return await self._call(self._create, spec)
 
     def _create(self, spec: LaunchSpec) -> Container:
-        """Create, copy the server in, attach to its output, start. A container made here that
-        fails to start is found again by its labels and destroyed by the base."""
+        """Create, copy the server in, attach to its output, start. (A container that fails to
+        start is found again by its labels and destroyed by the base.)"""
         import docker.errors
 
         client, kwargs, sock = self._docker(), self.run_kwargs(spec), None
@@ -184,147 +166,133 @@ class DockerProvider(Provider):
             try:
                 made = client.containers.create(**kwargs)
             except docker.errors.ImageNotFound:
-                self._ensure_image(kwargs["image"])
+                self._pull(kwargs["image"])
                 made = client.containers.create(**kwargs)
             made.put_archive("/", _server_archive())
             sock = client.api.attach_socket(made.id, params={"stdout": 1, "stderr": 1,
                                                              "stream": 1, "logs": 1})
-            box = Container(spec.sandbox_id, made.id, kwargs["name"], kwargs["image"], time.time())
+            box, started = Container(spec.sandbox_id, made.id, kwargs["image"]), time.time()
             made.start()
         except BaseException as err:
             _close(sock)
             if isinstance(err, docker.errors.APIError):
                 raise _launch_error(kwargs["image"], err) from None
             raise
-        threading.Thread(target=_drain, args=(box, sock), daemon=True,
-                         name=f"sandboxnb-docker-{spec.sandbox_id}").start()
+        threading.Thread(target=self._watch, args=(box, sock, started), daemon=True).start()
         return box
 
-    def _ensure_image(self, image: str) -> None:
+    def _pull(self, image: str) -> None:  # the engine merges concurrent pulls of one image
         import docker.errors
 
+        hint = f"build it ({SETUP_HINT} builds {DEFAULT_IMAGE})"
         if not self.pull:
+            raise ProviderError(f"docker image {image!r} is not on the engine and pull=False; "
+                                f"{hint} or `docker pull {image}`")
+        try:
+            self._docker().images.pull(image)
+        except docker.errors.APIError as err:
             raise ProviderError(
-                f"docker image {image!r} is not on the engine and pull=False; build it "
-                f"({SETUP_HINT} builds {DEFAULT_IMAGE}) or `docker pull {image}`")
-        with self._pull_locks.setdefault(image, threading.Lock()):
-            try:
-                self._docker().images.get(image)
-            except docker.errors.ImageNotFound:
-                try:
-                    self._docker().images.pull(image)
-                except docker.errors.APIError as err:
-                    raise ProviderError(
-                        f"docker image {image!r} is not on the engine and pulling it failed "
-                        f"({err.explanation or err}); build it ({SETUP_HINT} builds "
-                        f"{DEFAULT_IMAGE}) or pass image= an image present locally") from None
+                f"docker image {image!r} is not on the engine and pulling it failed "
+                f"({err.explanation or err}); {hint} or pass image= a local image") from None
 
     async def address(self, box: Container) -> str:
-        info = await self._call(self._inspect, box.cid)
-        ports = ((info or {}).get("NetworkSettings") or {}).get("Ports") or {}
-        bindings = ports.get(f"{PORT}/tcp")
-        if not bindings:  # it is no longer running
+        ports = await self._call(self._ports, box.cid)
+        if not ports.get(f"{PORT}/tcp"):  # it is no longer running
             await self._call(box.ended.wait, 10.0)
             reason = await self.failure(box) or f"it has no published port {PORT}"
             raise ProviderError(f"docker: sandbox {box.sandbox_id} will not become ready: "
                                 f"{reason}")
-        box.host_port = int(bindings[0]["HostPort"])
+        box.host_port = int(ports[f"{PORT}/tcp"][0]["HostPort"])
         return f"tcp://{self.connect_host}:{box.host_port}"
 
     async def failure(self, box: Container) -> str | None:
         if not box.ended.is_set():
             return None
-        code = await self._call(self._exit_code, box)
-        if code is None:
-            return None
-        logs = "\n".join(box.tail) or "(no output)"
+        logs, code = "\n".join(box.tail) or "(no output)", box.exit_code
         if code == 127 or "exec python3 failed" in logs:
             return (f"image {box.image!r} has no python3 (the sandbox server needs python3 >= "
                     f"3.9 on PATH in the image; {DEFAULT_IMAGE} has it). Output:\n{logs}")
-        return (f"the server in image {box.image!r} exited before it was ready (container exit "
-                f"code {code}); it needs python3 >= 3.9 in the image. Last output:\n{logs}")
+        return (f"the server in image {box.image!r} exited before it was ready (container "
+                f"exit code {'unknown' if code is None else code}); it needs python3 >= 3.9. "
+                f"Last output:\n{logs}")
 
     def endpoint_meta(self, box: Container) -> dict[str, Any]:
-        return {"container_id": box.cid, "container_name": box.name, "image": box.image,
-                "host_port": box.host_port}
+        return {"container_id": box.cid, "container_name": f"sandboxnb-{box.sandbox_id}",
+                "image": box.image, "host_port": box.host_port}
 
     async def destroy(self, box: Container) -> None:
+        box.destroyed = True  # its watcher need not ask why it stopped
         await self._call(self._remove, box.cid)
 
     async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
-        return await self._call(self._list, labels)
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        found = await self._call(lambda: self._docker().api.containers(all=True, filters=filters))
+        return [Found(sid, Container(sid, c["Id"]), c["Labels"]) for c in found
+                for sid in [c["Labels"].get(f"{LABEL}.sandbox_id", c["Id"])]]
 
     async def aclose(self) -> None:
         await super().aclose()
-        client, pool = self._client, self._pool
-        self._client = self._pool = None
+        client, pool, self._client, self._pool = self._client, self._pool, None, None
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
         if pool is not None:
             pool.shutdown(wait=False)
 
-    # -- engine calls (in a worker thread) ----------------------------------------------------
-    def _inspect(self, cid: str) -> dict[str, Any] | None:
+    # -- engine calls, in worker threads ------------------------------------------------------
+    def _watch(self, box: Container, sock: Any, started: float) -> None:
+        """Keep the end of the container's output until it stops, then its exit code (from its
+        ``die`` event: ``--rm`` may have removed it already; the event follows closely)."""
+        from docker.utils.socket import frames_iter
+
+        with contextlib.suppress(Exception):
+            for _stream, data in frames_iter(sock, tty=False):
+                box.tail.extend(data.decode(errors="replace").splitlines())
+        _close(sock)
+        deadline = time.time() + 2.0
+        while not box.destroyed and box.exit_code is None and time.time() < deadline:
+            with contextlib.suppress(Exception):
+                for event in self._docker().api.events(
+                        since=started - 1, until=time.time(), decode=True,
+                        filters={"container": box.cid, "event": "die"}):
+                    box.exit_code = int(event["Actor"]["Attributes"]["exitCode"])
+            time.sleep(0.05)
+        box.ended.set()  # a code still None: unknown
+
+    def _ports(self, cid: str) -> dict[str, Any]:
         import docker.errors
 
         with contextlib.suppress(docker.errors.NotFound):
-            return self._docker().api.inspect_container(cid)
-        return None
-
-    def _exit_code(self, box: Container) -> int | str | None:
-        """Its exit code (``None`` while it runs); once auto-removed, from its ``die`` event."""
-        info = self._inspect(box.cid)
-        if info is not None:
-            return None if info["State"]["Running"] else info["State"]["ExitCode"]
-        deadline = time.time() + 2.0  # the event follows the end of its output closely
-        while time.time() < deadline:
-            for event in self._docker().api.events(
-                    since=box.started - 1, until=time.time(), decode=True,
-                    filters={"container": box.cid, "event": "die"}):
-                return int(event["Actor"]["Attributes"]["exitCode"])
-            time.sleep(0.05)
-        return "unknown"
+            return self._docker().api.inspect_container(cid)["NetworkSettings"]["Ports"] or {}
+        return {}
 
     def _remove(self, cid: str) -> None:
         """``docker rm -f`` that tolerates a container already gone or being auto-removed."""
         import docker.errors
 
-        client = self._docker()
         try:
-            client.api.remove_container(cid, force=True)
+            self._docker().api.remove_container(cid, force=True)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as err:
             if "already in progress" not in str(err):
                 raise
             with contextlib.suppress(Exception):  # the engine is removing it: wait until gone
-                client.api.wait(cid, timeout=30, condition="removed")
-
-    def _list(self, labels: Mapping[str, str]) -> list[Found]:
-        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
-        return [Found(sid, Container(sid, c["Id"]), c["Labels"])
-                for c in self._docker().api.containers(all=True, filters=filters)
-                for sid in [c["Labels"].get(f"{LABEL}.sandbox_id", c["Id"])]]
+                self._docker().api.wait(cid, timeout=30, condition="removed")
 
     @classmethod
     def availability(cls) -> Availability:
         """Available when the SDK imports, the engine answers and the default image exists."""
         try:
             import docker
-            import docker.errors
         except ImportError:
             return Availability(False, "the docker SDK is missing: pip install 'sandboxnb[docker]'")
         where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         try:
-            client = docker.from_env(timeout=5)
-            try:
-                client.images.get(DEFAULT_IMAGE)
-            except docker.errors.ImageNotFound:
-                return Availability(False, f"the default image {DEFAULT_IMAGE} is missing; "
-                                           f"{SETUP_HINT} to build it")
-            finally:
-                client.close()
+            with contextlib.closing(docker.from_env(timeout=5)) as client:
+                if not client.images.list(name=DEFAULT_IMAGE):
+                    return Availability(False, f"the default image {DEFAULT_IMAGE} is missing; "
+                                               f"{SETUP_HINT} to build it")
         except Exception as err:
             return Availability(False, f"no Docker engine answers at {where} ({err}); {SETUP_HINT}")
         return Availability(True, f"engine at {where}, image {DEFAULT_IMAGE}")
@@ -332,38 +300,18 @@ class DockerProvider(Provider):
 
 @functools.cache
 def _server_archive() -> bytes:
-    """A tar holding the server zipapp, for ``put_archive`` into ``/``."""
-    data, now, buf = bundle_bytes(), time.time(), io.BytesIO()
+    """A tar holding the server zipapp, for ``put_archive`` into ``/`` (the engine makes dirs)."""
+    data, buf, info = bundle_bytes(), io.BytesIO(), tarfile.TarInfo(SERVER.lstrip("/"))
+    info.size, info.mode, info.mtime = len(data), 0o644, time.time()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ("opt", "opt/sandboxnb"):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
-            tar.addfile(info)
-        info = tarfile.TarInfo(SERVER.lstrip("/"))
-        info.size, info.mode, info.mtime = len(data), 0o644, now
         tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
-def _drain(box: Container, sock: Any) -> None:
-    """Keep the last lines of the container's output until it ends (it exited, or was removed)."""
-    from docker.utils.socket import frames_iter
-
-    try:
-        for _stream, data in frames_iter(sock, tty=False):
-            box.tail.extend(data.decode(errors="replace").splitlines())
-    except Exception:
-        pass
-    finally:
-        box.ended.set()
-        _close(sock)
-
-
 def _close(sock: Any) -> None:
     for closer in (getattr(sock, "_sock", None), sock, getattr(sock, "_response", None)):
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                closer.close()
+        with contextlib.suppress(Exception):
+            closer is not None and closer.close()
 
 
 def _launch_error(image: str, err: Any) -> ProviderError:
@@ -372,7 +320,7 @@ def _launch_error(image: str, err: Any) -> ProviderError:
         return ProviderError(f"docker: image {image!r} has no python3 (the sandbox server needs "
                              f"python3 >= 3.9 on PATH in the image); engine said: {text}")
     if "could not select device driver" in text:
-        return ProviderError(
-            f"docker: resources.gpu asks for GPUs but this engine has no GPU device driver "
-            f"(install the NVIDIA Container Toolkit, or drop gpu); engine said: {text}")
+        return ProviderError(f"docker: resources.gpu asks for GPUs but this engine has no GPU "
+                             f"device driver (install the NVIDIA Container Toolkit, or drop "
+                             f"gpu); engine said: {text}")
     return ProviderError(f"docker: could not start a container from {image!r}: {text}")
