@@ -310,8 +310,8 @@ def _server_archive() -> bytes:
 
 def _close(sock: Any) -> None:
     for closer in (getattr(sock, "_sock", None), sock, getattr(sock, "_response", None)):
-        with contextlib.suppress(Exception):
-            closer is not None and closer.close()
+        with contextlib.suppress(Exception):  # None, or already closed
+            closer.close()
 
 
 def _launch_error(image: str, err: Any) -> ProviderError:
