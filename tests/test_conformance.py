@@ -64,12 +64,16 @@ def _docker() -> Iterator[Harness]:
         host = client.api.inspect_container(endpoint.meta["container_id"])["HostConfig"]
         return host["NanoCpus"] / 1e9, host["Memory"] // MiB
 
+    async def server_command(endpoint: Endpoint) -> list[str]:  # what the engine runs
+        info = await asyncio.to_thread(client.api.inspect_container, endpoint.meta["container_id"])
+        return [info["Path"], *info["Args"]]
+
     try:
         yield Harness(
             "docker", DockerProvider, lambda: {c["Id"] for c in containers()},
             lambda: len(containers()),
             ({"resources": {"gpu": "H100"}}, "docker does not support resources.gpu.type"),
-            resources_seen,
+            resources_seen, server_command=server_command,
         )
     finally:
         client.close()
