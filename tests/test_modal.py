@@ -353,7 +353,8 @@ async def test_sandbox_that_exits_is_reported_at_once(emu, provider, monkeypatch
 
 async def test_untrusted_tunnel_certificate_is_reported_at_once(emu, provider, monkeypatch):
     monkeypatch.delenv("SANDBOXNB_TLS_CA_FILE")
-    with pytest.raises(ProviderError, match=r"certificate of tls://.* is not trusted .* SANDBOXNB_TLS_CA_FILE"):
+    untrusted = r"certificate of tls://.* is not trusted .* SANDBOXNB_TLS_CA_FILE"
+    with pytest.raises(ProviderError, match=untrusted):
         async with provider.sandbox(config_from_flat(startup_timeout_s=20)):
             pass
     assert emu.live_sandboxes() == [] and emu.creates[-1].end_reason == "terminated"
