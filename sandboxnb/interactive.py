@@ -47,16 +47,10 @@ async def launch(
     ``timeout``, ``startup_timeout_s``, ``idle_timeout_s``) or provider options. The sandbox is
     released when the block exits, however it exits.
     """
-    from sandboxnb.client import connect
-
     provider, effective = resolve_launch(runtime, config=config, **options)
     try:
-        async with provider.sandbox(effective) as endpoint:
-            sandbox = await connect(endpoint)
-            try:
-                yield sandbox
-            finally:
-                await sandbox.close()
+        async with provider.open(effective) as sandbox:
+            yield sandbox
     finally:
         if not isinstance(runtime, Provider):
             await provider.aclose()

@@ -65,17 +65,14 @@ async def rollout(
     Failures become the row's ``status``/``error``; the row is reported on every path, also when
     the rollout is cancelled (status ``cancelled``, then the cancellation propagates).
     """
-    from sandboxnb.client import connect
-
     row = _new_row(run_id, provider, task, repeat, config)
     repeat_token = _REPEAT.set(repeat)
     started = time.perf_counter()
     ready = done = None
     phase = "acquire"
     try:
-        async with provider.sandbox(config) as endpoint:
-            row["sandbox_id"] = endpoint.sandbox_id
-            sandbox = await connect(endpoint)
+        async with provider.open(config) as sandbox:
+            row["sandbox_id"] = sandbox.id
             try:
                 ready = time.perf_counter()
                 phase = "rollout"

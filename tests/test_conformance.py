@@ -1,5 +1,6 @@
-"""One conformance suite for every provider: local, docker (real engine), modal and daytona
-(real SDKs against our emulated control planes).
+"""The public conformance suite (:mod:`sandboxnb.testing.conformance`) run against every built-in
+provider: local, docker (real engine), modal and daytona (real SDKs against our emulated control
+planes), and ``shell``, a provider written only for these tests from the template's hooks.
 
 Whether a sandbox is still alive is asked of the ground truth (the OS process table, the Docker
 engine, the emulator), never of the provider's own bookkeeping.
@@ -8,35 +9,22 @@ engine, the emulator), never of the provider's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-import sandboxnb
-from sandboxnb.client import connect
-from sandboxnb.config import ConfigError, RuntimeConfig, config_from_flat
-from sandboxnb.providers import Provider
-from sandboxnb.tasks import Taskset
+from sandboxnb.providers import Endpoint
+from sandboxnb.testing.conformance import *  # noqa: F403
+from sandboxnb.testing.conformance import Harness
 
-from .conftest import sandbox_server_pids
+from .conftest import descendants, sandbox_server_pids
+from .shell_provider import ShellProvider
 
 MiB = 1024 * 1024
-
-
-@dataclass
-class Harness:
-    """How to reach one provider and how to ask the ground truth about it."""
-
-    name: str
-    make: Callable[[], Provider]
-    live: Callable[[], set[str]]  # what the engine/emulator/OS says is running
-    creates: Callable[[], int]  # create attempts the backend has seen
-    unsupported: tuple[dict[str, Any], str]  # a config it must refuse, and the message
-    #: (cpu, memory MiB) as the backend applied them, from (endpoint, connected sandbox)
-    resources_seen: Callable[[Any, Any], Awaitable[tuple[float | None, int | None]]]
 
 
 def _local() -> Iterator[Harness]:
@@ -76,12 +64,16 @@ def _docker() -> Iterator[Harness]:
         host = client.api.inspect_container(endpoint.meta["container_id"])["HostConfig"]
         return host["NanoCpus"] / 1e9, host["Memory"] // MiB
 
+    async def server_command(endpoint: Endpoint) -> list[str]:  # what the engine runs
+        info = await asyncio.to_thread(client.api.inspect_container, endpoint.meta["container_id"])
+        return [info["Path"], *info["Args"]]
+
     try:
         yield Harness(
             "docker", DockerProvider, lambda: {c["Id"] for c in containers()},
             lambda: len(containers()),
             ({"resources": {"gpu": "H100"}}, "docker does not support resources.gpu.type"),
-            resources_seen,
+            resources_seen, server_command=server_command,
         )
     finally:
         client.close()
@@ -89,24 +81,44 @@ def _docker() -> Iterator[Harness]:
 
 def _modal() -> Iterator[Harness]:
     from sandboxnb.providers.modal import ModalProvider
+    from sandboxnb.providers.spec import SERVER_BUNDLE_NAME
     from sandboxnb.testing.modal_emulator import ModalEmulator
 
     with ModalEmulator() as emu:
 
+        def record(sandbox_id: str) -> Any:  # the control plane's record, by our sandbox's tag
+            return next(c for c in emu.creates if c.tags.get("sandboxnb.sandbox_id") == sandbox_id)
+
         async def resources_seen(endpoint, sandbox) -> tuple[float | None, int | None]:
-            record = next(c for c in emu.creates if c.sandbox_id == endpoint.sandbox_id)
-            return record.cpu, record.memory_mb
+            rec = record(endpoint.sandbox_id)
+            return rec.cpu, rec.memory_mb
+
+        def argvs(root: int) -> Iterator[list[str]]:
+            for pid in sorted(descendants(root)):
+                with contextlib.suppress(OSError):  # a process that just ended
+                    yield [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes()
+                           .split(b"\0") if a]
+
+        async def server_command(endpoint, sandbox) -> list[str]:
+            # what the emulated sandbox runs once the bootstrap exec'd: its host process table
+            box = emu.servicer.sandboxes[record(endpoint.sandbox_id).sandbox_id].box
+            for argv in argvs(box.host_pid):
+                if len(argv) > 1 and argv[1].endswith(SERVER_BUNDLE_NAME):
+                    return argv
+            raise AssertionError(f"no server process in modal sandbox {endpoint.sandbox_id}")
 
         yield Harness(
             "modal", ModalProvider, lambda: set(emu.live_sandboxes()), lambda: len(emu.creates),
             ({"resources": {"disk_mb": 10240}}, "modal does not support resources.disk_mb"),
-            resources_seen,
+            resources_seen, server_command,
         )
         assert not emu.unimplemented_calls, emu.unimplemented_calls
 
 
 def _daytona() -> Iterator[Harness]:
-    from sandboxnb.providers.daytona import DaytonaProvider
+    import shlex
+
+    from sandboxnb.providers.daytona import SESSION, DaytonaProvider
     from sandboxnb.testing.daytona_emulator import DaytonaEmulator
 
     with DaytonaEmulator() as emu:
@@ -115,15 +127,42 @@ def _daytona() -> Iterator[Harness]:
             record = emu.sandbox(endpoint.sandbox_id)
             return float(record.cpu), record.memory * 1024  # Daytona speaks GiB
 
+        async def server_command(endpoint: Endpoint, sandbox: Any = None) -> list[str]:
+            # what the emulated toolbox ran in the sandbox's process session
+            (cmd,) = emu.sandbox(endpoint.sandbox_id).sessions[SESSION].values()
+            argv = shlex.split(cmd.command)
+            return argv[argv.index("exec") + 1:]
+
         yield Harness(
             "daytona", DaytonaProvider, lambda: set(emu.live_sandboxes()),
             lambda: len(emu.created),
             ({"resources": {"gpu": "A10G"}}, "daytona does not support resources.gpu.type"),
-            resources_seen,
+            resources_seen, server_command=server_command,
         )
 
 
-HARNESSES = {"local": _local, "docker": _docker, "modal": _modal, "daytona": _daytona}
+def _shell() -> Iterator[Harness]:
+    def live() -> set[str]:
+        return {str(pid) for pid in sandbox_server_pids()}
+
+    made: list[ShellProvider] = []
+
+    def make() -> ShellProvider:
+        made.append(ShellProvider())
+        return made[-1]
+
+    async def resources_seen(endpoint, sandbox) -> tuple[None, None]:
+        return None, None
+
+    yield Harness(
+        "shell", make, live, lambda: sum(p.created for p in made),
+        ({"resources": {"cpu": 2}}, "shell does not support resources.cpu"), resources_seen,
+    )
+
+
+HARNESSES = {
+    "shell": _shell, "local": _local, "docker": _docker, "modal": _modal, "daytona": _daytona,
+}
 
 
 @pytest.fixture(scope="module", params=list(HARNESSES))
@@ -146,89 +185,21 @@ async def provider(harness) -> Any:
     assert not (harness.live() - before), f"{harness.name} left sandboxes behind"
 
 
-async def test_exec_streams_files_and_python_namespace(provider):
-    async with sandboxnb.launch(provider) as sb:
-        chunks: list[tuple[str, str]] = []
-        result = await sb.exec(
-            "echo one; sleep 0.3; echo two >&2; exit 3",
-            on_output=lambda stream, data: chunks.append((stream, data)),
-        )
-        assert result.exit_code == 3 and result.stdout == "one\n" and result.stderr == "two\n"
-        assert ("stdout", "one\n") in chunks and ("stderr", "two\n") in chunks
+def test_a_third_party_provider_runs_the_suite_with_one_import_and_one_option(tmp_path):
+    """What a provider author does: one import in a test file, one pytest option."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-        payload = bytes(range(256)) * 64
-        await sb.write_file("nested/dir/blob.bin", payload)
-        assert await sb.read_file("nested/dir/blob.bin") == payload
-
-        await sb.python("import os\ncounter = 41")
-        out = await sb.python("counter += 1\nprint('side', end='')\ncounter")
-        assert out.value == "42" and out.stdout == "side"
-
-
-async def test_resources_reach_the_backend(harness, provider):
-    cpu, memory_mb = 1.0, 768
-    config = provider.check(config_from_flat(cpu=cpu if "resources.cpu" in provider.supported
-                                             else None, memory_mb=memory_mb))
-    async with provider.sandbox(config) as endpoint:
-        assert endpoint.config.resources.memory_mb == memory_mb
-        async with await connect(endpoint) as sb:
-            seen_cpu, seen_memory = await harness.resources_seen(endpoint, sb)
-        # Daytona allocates whole GiB: 768 MiB becomes 1 GiB
-        expected = 1024 if harness.name == "daytona" else memory_mb
-        assert seen_memory == expected
-        if config.resources.cpu is not None and seen_cpu is not None:
-            assert seen_cpu == cpu
-
-
-async def test_unsupported_field_fails_before_any_sandbox_starts(harness, provider):
-    overrides, message = harness.unsupported
-    before_live, before_creates = harness.live(), harness.creates()
-    with pytest.raises(ConfigError, match=message):
-        async with sandboxnb.launch(provider, config=RuntimeConfig().merge(overrides)):
-            pass
-    with pytest.raises(ConfigError, match=message):
-        await sandboxnb.run(
-            Taskset.load("humaneval").select("HumanEval/0"), "oracle", provider,
-            config=overrides, journal=None, progress=False,
-        )
-    assert harness.creates() == before_creates
-    assert harness.live() == before_live
-
-
-async def test_rollouts_through_run(provider, tmp_path):
-    tasks = Taskset.load("humaneval").select("HumanEval/[0-5]")
-    run = await sandboxnb.run(tasks, "oracle", provider, max_concurrent=3,
-                              journal=tmp_path / "j.jsonl", progress=False)
-    frame = run.to_pandas()
-    assert len(frame) == 6 and (frame["status"] == "ok").all(), frame["error"].tolist()
-    assert (frame["reward"] == 1.0).all()
-    assert set(frame["provider"]) == {provider.name}
-    assert frame["sandbox_id"].nunique() == 6
-
-
-async def test_teardown_on_error(harness, provider):
-    before = harness.live()
-    with pytest.raises(RuntimeError, match="user code failed"):
-        async with sandboxnb.launch(provider) as sb:
-            assert (await sb.exec("true")).ok
-            assert harness.live() - before  # really running
-            raise RuntimeError("user code failed")
-    assert not (harness.live() - before)
-
-
-async def test_teardown_on_cancel(harness, provider):
-    before = harness.live()
-    started = asyncio.Event()
-
-    async def hold() -> None:
-        async with sandboxnb.launch(provider) as sb:
-            started.set()
-            await sb.exec(["sleep", "60"])
-
-    task = asyncio.create_task(hold())
-    await asyncio.wait_for(started.wait(), 60)
-    await asyncio.sleep(0.3)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert not (harness.live() - before)
+    (tmp_path / "test_mine.py").write_text(
+        "from sandboxnb.testing.conformance import *  # noqa: F403\n")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+         "--sandboxnb-provider", "tests.shell_provider:ShellProvider",
+         "--rootdir", str(tmp_path), "-k", "not rollouts_through_run"],
+        cwd=root, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -15,9 +16,10 @@ import asyncssh
 import pytest
 
 from sandboxnb.client import connect
-from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat
+from sandboxnb.config import ConfigError, RuntimeConfig, UnsupportedFieldError, config_from_flat
+from sandboxnb.errors import ConnectionLost, SandboxError, StartupTimeout
 from sandboxnb.providers.base import ProviderError
-from sandboxnb.providers.daytona import DaytonaProvider
+from sandboxnb.providers.daytona import SESSION, DaytonaProvider
 from sandboxnb.testing.daytona_emulator import SDK_VERSION, DaytonaEmulator
 from sandboxnb.testing.isolation import namespaces_available
 
@@ -115,6 +117,10 @@ async def test_unsupported_fields_rejected_before_any_request(emu):
                 pass
         with pytest.raises(ConfigError, match="auto_stop_minutes"):
             DaytonaProvider(auto_stop_minutes=0)
+        with pytest.raises(ConfigError, match="server_port = 0"):
+            DaytonaProvider(server_port=0)
+        with pytest.raises(ConfigError, match="give one"):
+            DaytonaProvider(snapshot="s", image="python:3.11")
     finally:
         await prov.aclose()
         await fixed.aclose()
@@ -160,7 +166,7 @@ async def test_keepalive_holds_and_autostop_stops_abandoned():
                     held = emu.sandbox(ep.sandbox_id)
                     assert held.state == "started" and held.activity_refreshes >= 5
                     assert emu.sandbox(abandoned.id).state == "stopped"
-                    assert emu.live_sandboxes() == [ep.sandbox_id]
+                    assert emu.live_sandboxes() == [held.id]
                 await abandoned.delete()
         finally:
             await prov.aclose()
@@ -170,7 +176,7 @@ async def test_keepalive_holds_and_autostop_stops_abandoned():
 async def test_teardown_on_error(emu, provider):
     with pytest.raises(RuntimeError, match="boom"):
         async with provider.sandbox(config_from_flat()) as ep:
-            assert emu.live_sandboxes() == [ep.sandbox_id]
+            assert emu.live_sandboxes() == [emu.sandbox(ep.sandbox_id).id]
             raise RuntimeError("boom")
     assert emu.live_sandboxes() == [] and emu.sandboxes == {}
 
@@ -235,12 +241,105 @@ async def test_server_failure_reported_and_cleaned(emu):
     prov = DaytonaProvider()
     try:
         async with emu_sandbox_without_python(emu):
-            with pytest.raises(ProviderError, match="server exited"):
+            with pytest.raises(ProviderError, match=r"(?s)will not become ready: the server "
+                               r"exited with code 127 .*python3"):
                 async with prov.sandbox(config_from_flat()):
                     pass
     finally:
         await prov.aclose()
     assert emu.live_sandboxes() == [] and emu.sandboxes == {}
+
+
+def _server_argv(emu: DaytonaEmulator, sandbox_id: str) -> tuple[str, list[str]]:
+    """The command the emulated toolbox ran for the server, and the server's argv in it."""
+    (cmd,) = emu.sandbox(sandbox_id).sessions[SESSION].values()
+    argv = shlex.split(cmd.command)
+    return cmd.command, argv[argv.index("exec") + 1:]
+
+
+async def test_server_options_follow_the_one_policy(emu, provider):
+    cases = [
+        (RuntimeConfig(), {"--startup-timeout": "60", "--idle-timeout": "300"}),
+        (RuntimeConfig().merge({"limits": {"startup_timeout_s": None, "idle_timeout_s": None}}),
+         {"--startup-timeout": "0", "--idle-timeout": "0"}),
+        (RuntimeConfig().merge({"limits": {"startup_timeout_s": 45, "idle_timeout_s": 7.5}}),
+         {"--startup-timeout": "45", "--idle-timeout": "7.5"}),
+    ]
+    for config, expected in cases:
+        async with provider.sandbox(config) as ep:
+            command, argv = _server_argv(emu, ep.sandbox_id)
+            assert ep.token not in command  # the token travels in a file, never on a command
+            assert {flag: argv[argv.index(flag) + 1] for flag in expected} == expected
+            assert argv[argv.index("--sandbox-id") + 1] == ep.sandbox_id
+            assert argv[-4:] == ["--host", "127.0.0.1", "--port", "7000"]
+        assert emu.sandbox(ep.sandbox_id).state == "destroyed"
+
+
+async def test_labels_name_and_extra_labels(emu):
+    prov = DaytonaProvider(labels={"team": "evals", "sandboxnb.owner": "someone-else"},
+                           session_id="s-1")
+    try:
+        async with prov.sandbox(config_from_flat()) as ep:
+            record = emu.sandbox(ep.sandbox_id)
+            assert record.name == ep.sandbox_id and ep.meta["daytona_id"] == record.id
+            assert record.labels.items() >= {**ep.meta["labels"], "team": "evals"}.items()
+            assert record.labels["sandboxnb.session"] == "s-1"
+            assert record.labels["sandboxnb.provider"] == "daytona"
+            assert record.labels["sandboxnb.sandbox_id"] == ep.sandbox_id
+            assert record.labels["sandboxnb.owner"] != "someone-else"  # ours win
+            assert record.labels["sandboxnb.pid"] == str(os.getpid())
+    finally:
+        await prov.aclose()
+
+
+async def test_gc_finds_and_reaps_by_label(emu, provider):
+    other = DaytonaProvider()  # same owner, another session (another kernel, the CLI)
+    try:
+        async with provider.sandbox(config_from_flat()) as ep:
+            assert await other.live_sandboxes() == [ep.sandbox_id]
+            assert await other.reap(session_only=True) == []
+            assert emu.live_sandboxes() == [emu.sandbox(ep.sandbox_id).id]
+            assert await other.reap() == [ep.sandbox_id]
+            assert emu.live_sandboxes() == [] and await provider.live_sandboxes() == []
+        # release of a sandbox gc already deleted is quiet (destroy is idempotent)
+    finally:
+        await other.aclose()
+    assert emu.sandboxes == {}
+
+
+async def test_run_timeout_deletes_a_held_sandbox(emu):
+    prov = DaytonaProvider(keepalive_s=0.05)
+    try:
+        config = RuntimeConfig().merge({"limits": {"run_timeout_s": 1.0}})
+        async with prov.open(config) as sb:
+            assert (await sb.exec("true")).ok
+            with pytest.raises((ConnectionLost, SandboxError)):
+                await sb.exec(["sleep", "60"])
+            await _until(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [])
+        (record,) = emu.deleted
+        refreshes = record.activity_refreshes
+        assert refreshes >= 1
+        await asyncio.sleep(0.3)
+        assert record.activity_refreshes == refreshes  # the keepalive ended with the sandbox
+    finally:
+        await prov.aclose()
+
+
+async def test_startup_timeout_is_the_policy_and_leaves_nothing(emu, provider):
+    emu.create_delay_s = 1.5
+    config = RuntimeConfig().merge({"limits": {"startup_timeout_s": 0.5}})
+    with pytest.raises(StartupTimeout, match=r"startup_timeout_s = 0.5s \(while creating"):
+        async with provider.sandbox(config):
+            pytest.fail("the sandbox cannot be ready in time")
+    # the interrupted create lands, then is deleted
+    await _until(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [])
+
+
+async def _until(predicate, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the deadline"
+        await asyncio.sleep(0.05)
 
 
 class emu_sandbox_without_python:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import re
+import secrets
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
 
 import sandboxnb
 from sandboxnb.client import connect
-from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat
-from sandboxnb.errors import SandboxError
+from sandboxnb.config import ConfigError, RuntimeConfig, UnsupportedFieldError, config_from_flat
+from sandboxnb.errors import SandboxError, StartupTimeout
 from sandboxnb.providers import ProviderError, get_provider
 from sandboxnb.providers.docker import BUSYBOX_IMAGE, DEFAULT_IMAGE, LABEL, DockerProvider
+from sandboxnb.providers.spec import owner_label
 
 pytestmark = pytest.mark.docker
 
@@ -90,7 +95,8 @@ async def test_exec_streaming_files_and_python(provider, engine):
             assert "bookworm" in r.stdout
         labels = engine.containers.get(endpoint.meta["container_id"]).labels
         assert labels[LABEL] == "1" and labels[f"{LABEL}.sandbox_id"] == endpoint.sandbox_id
-        assert labels[f"{LABEL}.owner"] == provider.owner
+        assert labels[f"{LABEL}.owner"] == owner_label()
+        assert labels[f"{LABEL}.provider"] == "docker"
         assert labels[f"{LABEL}.session"] == provider.session_id
         assert {f"{LABEL}.pid", f"{LABEL}.created"} <= set(labels)
         assert endpoint.sandbox_id in await provider.live_sandboxes()
@@ -224,35 +230,72 @@ async def test_image_without_python_gives_clear_error(provider, engine):
 async def test_server_dying_reports_its_output(provider, engine):
     before = ours(engine)
     prov = DockerProvider()
-    # An unknown flag makes the real server exit at once, before its READY line.
+    # An unknown flag makes the real server exit at once, before it ever listens.
     config = config_from_flat(startup_timeout_s=30)
-    kwargs_hook = prov._create_kwargs
+    run_kwargs = prov.run_kwargs
 
-    def broken(*args, **kwargs):
-        made = kwargs_hook(*args, **kwargs)
+    def broken(spec):
+        made = run_kwargs(spec)
         made["command"] = [*made["command"], "--no-such-flag"]
         return made
 
-    prov._create_kwargs = broken
+    prov.run_kwargs = broken
     try:
         with pytest.raises(ProviderError, match="exited before it was ready") as info:
             async with prov.sandbox(config):
                 pass
-        assert "no-such-flag" in str(info.value)
+        assert "no-such-flag" in str(info.value) and "exit code 1" in str(info.value)
     finally:
         await prov.aclose()
     assert ours(engine) == before
 
 
-@pytest.mark.parametrize("startup_timeout_s", [0.05, 0.3])
-async def test_startup_timeout_bounds_acquire(provider, engine, startup_timeout_s):
+SLOW_PYTHON = '#!/bin/sh\nsleep 600\nexec /usr/bin/python3 "$@"\n'
+
+
+@pytest.fixture(scope="module")
+def slow_image(engine):
+    """A throwaway image whose ``python3`` sleeps before it starts: its server can never be
+    ready within a short startup timeout, however fast the machine."""
+    repository, tag = "sandboxnb/slow-python", f"test-{secrets.token_hex(4)}"
+    shim, buf = SLOW_PYTHON.encode(), io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("python3")
+        info.size, info.mode = len(shim), 0o755
+        tar.addfile(info, io.BytesIO(shim))
+    builder = engine.containers.create(DEFAULT_IMAGE, command=["true"])
+    try:
+        builder.put_archive("/usr/local/bin", buf.getvalue())  # before /usr/bin on PATH
+        builder.commit(repository=repository, tag=tag)
+    finally:
+        builder.remove(force=True)
+    yield f"{repository}:{tag}"
+    engine.images.remove(f"{repository}:{tag}", force=True)
+
+
+@pytest.mark.parametrize("startup_timeout_s", [0.05, 0.3, 1.5])
+async def test_startup_timeout_bounds_acquire(provider, engine, slow_image, startup_timeout_s):
     before = ours(engine)
     started = time.monotonic()
-    with pytest.raises(ProviderError, match="not ready within startup_timeout_s"):
-        async with provider.sandbox(config_from_flat(startup_timeout_s=startup_timeout_s)):
+    config = config_from_flat(image=slow_image, startup_timeout_s=startup_timeout_s)
+    with pytest.raises(StartupTimeout, match=r"not ready within limits\.startup_timeout_s") as info:
+        async with provider.sandbox(config):
             pass
     assert time.monotonic() - started < startup_timeout_s + 5
+    sandbox_id = re.search(r"sandbox (docker-[0-9a-f]+) ", str(info.value))[1]
+    mine = {"label": f"{LABEL}.sandbox_id={sandbox_id}"}
+    assert engine.api.containers(all=True, filters=mine) == []  # the engine says: gone
     assert ours(engine) == before
+
+
+async def test_unset_limits_follow_the_one_policy(provider, engine):
+    """Defaults: 60 s startup, 300 s idle; None turns a limit off (0) on the server."""
+    unset = RuntimeConfig().merge({"limits": {"startup_timeout_s": None, "idle_timeout_s": None}})
+    for config, startup, idle in ((config_from_flat(), "60", "300"), (unset, "0", "0")):
+        async with provider.sandbox(config) as endpoint:
+            argv = engine.api.inspect_container(endpoint.meta["container_id"])["Args"]
+            assert argv[argv.index("--startup-timeout") + 1] == startup
+            assert argv[argv.index("--idle-timeout") + 1] == idle
 
 
 async def test_missing_image_without_pull(engine):

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 
 import sandboxnb
 from sandboxnb.config import ConfigError, RuntimeConfig, UnsupportedFieldError, config_from_flat
+from sandboxnb.errors import StartupTimeout
 from sandboxnb.providers import ProviderError, get_provider
-from sandboxnb.providers.modal import ModalProvider
-from sandboxnb.testing.modal_emulator import ModalEmulator
+from sandboxnb.providers import modal as modal_provider
+from sandboxnb.providers.modal import MAX_TIMEOUT_S, ModalProvider
+from sandboxnb.providers.spec import owner_label
+from sandboxnb.testing.modal_emulator import CreateRecord, ModalEmulator
 
 SANDBOX_CREATES = ("SandboxCreate", "SandboxCreateV2")
 
@@ -38,6 +43,19 @@ def creates(emu: ModalEmulator) -> int:
     return sum(emu.rpc_calls.get(name, 0) for name in SANDBOX_CREATES)
 
 
+def record(emu: ModalEmulator, sandbox_id: str) -> CreateRecord:
+    """The control plane's record of one of our sandboxes, found by the tag it carries."""
+    found = [r for r in emu.creates if r.tags.get("sandboxnb.sandbox_id") == sandbox_id]
+    assert len(found) == 1, (sandbox_id, found)
+    return found[0]
+
+
+def live(emu: ModalEmulator) -> list[str]:
+    """Our ids of the sandboxes the control plane still runs."""
+    return [r.tags["sandboxnb.sandbox_id"] for r in emu.creates
+            if r.sandbox_id in emu.live_sandboxes()]
+
+
 async def wait_for(predicate, within: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not predicate():
@@ -50,7 +68,8 @@ async def test_launch_exec_files_python(emu, provider):
     chunks: list[tuple[str, str]] = []
     async with sandboxnb.launch(provider, cpu=1, memory_mb=512) as sb:
         assert sb.endpoint.url.startswith("tls://localhost:")
-        assert sb.endpoint.sandbox_id in emu.live_sandboxes()
+        assert live(emu) == [sb.endpoint.sandbox_id]
+        assert sb.endpoint.meta["modal_id"] == record(emu, sb.endpoint.sandbox_id).sandbox_id
         result = await sb.exec(
             "for i in 1 2 3; do echo line$i; done; echo oops >&2",
             on_output=lambda stream, data: chunks.append((stream, data)),
@@ -65,7 +84,7 @@ async def test_launch_exec_files_python(emu, provider):
         # The server's token is not visible to commands, nor in the entrypoint's argv.
         env = await sb.exec("env")
         assert "SANDBOXNB_TOKEN" not in env.stdout
-        rec = emu.record(sb.endpoint.sandbox_id)
+        rec = record(emu, sb.endpoint.sandbox_id)
         assert sb.endpoint.token not in " ".join(rec.entrypoint)
         assert "SANDBOXNB_TOKEN" in rec.env_keys
         # Our server is only reachable through the tunnel: the sandbox has its own network.
@@ -81,29 +100,33 @@ async def test_resource_mapping_reaches_the_control_plane(emu, provider):
         startup_timeout_s=30,
     )
     async with provider.sandbox(config) as endpoint:
-        rec = emu.record(endpoint.sandbox_id)
+        rec = record(emu, endpoint.sandbox_id)
         async with await sandboxnb.connect(endpoint) as sb:
             assert (await sb.exec(["echo", "gpu-box"])).stdout == "gpu-box\n"
     assert rec.api == "v1"  # Modal serves GPU sandboxes from the V1 backend
     assert rec.cpu == 2.0
     assert (rec.memory_mb, rec.memory_mb_max) == (1536, 1536)
     assert rec.gpu == "A10G:2"
-    assert (rec.timeout, rec.idle_timeout) == (120, 90)
+    # Modal's clock starts at create, the run timeout at ready: its cap leaves the startup room
+    assert (rec.timeout, rec.idle_timeout) == (120 + 30, 90)
     assert rec.image == "python:3.11-slim"
     assert rec.ports == [(7000, True)] and rec.encrypted
+    assert rec.tags == endpoint.meta["labels"]  # the spec's labels, keys as they are
     assert rec.tags["sandboxnb"] == "1"
-    assert rec.tags["session"] == provider.session_id
-    assert rec.tags["owner"] == provider.owner
-    assert {"created", "acquisition"} <= set(rec.tags)
+    assert rec.tags["sandboxnb.session"] == provider.session_id
+    assert rec.tags["sandboxnb.owner"] == owner_label()
+    assert rec.tags["sandboxnb.provider"] == "modal"
+    assert {"sandboxnb.created", "sandboxnb.pid"} <= set(rec.tags)
     assert endpoint.config.resources.gpu.count == 2
+    assert endpoint.config.image == "python:3.11-slim"
 
 
 async def test_cpu_only_sandbox_uses_v2_and_defaults(emu, provider):
     async with provider.sandbox(RuntimeConfig()) as endpoint:
-        rec = emu.record(endpoint.sandbox_id)
+        rec = record(emu, endpoint.sandbox_id)
     assert rec.api == "v2"
     assert rec.cpu is None and rec.memory_mb is None and rec.gpu is None
-    assert rec.timeout == provider.default_timeout_s
+    assert rec.timeout == MAX_TIMEOUT_S == 24 * 3600  # no run timeout: Modal's own maximum
     assert rec.idle_timeout == 300
     assert emu.rpc_calls["AuthTokenGet"] >= 1
 
@@ -136,7 +159,7 @@ async def test_unencrypted_tunnel_only_when_asked(emu):
         async with sandboxnb.launch(plain) as sb:
             assert sb.endpoint.url.startswith("tcp://")
             assert (await sb.exec(["echo", "plain"])).stdout == "plain\n"
-            rec = emu.record(sb.endpoint.sandbox_id)
+            rec = record(emu, sb.endpoint.sandbox_id)
             assert rec.ports == [(7000, False)] and not rec.encrypted
     finally:
         await plain.aclose()
@@ -144,7 +167,7 @@ async def test_unencrypted_tunnel_only_when_asked(emu):
     try:
         async with default.sandbox(RuntimeConfig()) as endpoint:
             assert endpoint.url.startswith("tls://")
-            assert emu.record(endpoint.sandbox_id).ports == [(7000, True)]
+            assert record(emu, endpoint.sandbox_id).ports == [(7000, True)]
     finally:
         await default.aclose()
 
@@ -163,7 +186,7 @@ async def test_teardown_on_error(emu, provider):
             sid = endpoint.sandbox_id
             raise RuntimeError("rollout failed")
     assert emu.live_sandboxes() == []
-    assert emu.record(sid).end_reason == "terminated"
+    assert record(emu, sid).end_reason == "terminated"
 
 
 async def test_teardown_on_cancel(emu, provider):
@@ -193,10 +216,9 @@ async def test_cancel_while_create_rpc_in_flight_leaves_nothing():
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            # The handle never reached us; the provider found it by tag and terminated it.
+            # Cancelled before the handle reached us: release waited for it and terminated it.
             assert slow.live_sandboxes() == []
             assert slow.creates[0].end_reason == "terminated"
-            assert slow.rpc_calls.get("SandboxListV2", 0) >= 1
             assert slow.unimplemented_calls == []
         finally:
             await prov.aclose()
@@ -206,7 +228,7 @@ async def test_startup_timeout_during_create_leaves_nothing():
     with ModalEmulator(create_delay_s=3.0) as slow:
         prov = ModalProvider()
         try:
-            with pytest.raises(ProviderError, match="startup_timeout_s=1"):
+            with pytest.raises(StartupTimeout, match="startup_timeout_s = 1s"):
                 async with prov.sandbox(config_from_flat(startup_timeout_s=1)):
                     pass
             assert len(slow.creates) == 1
@@ -234,7 +256,7 @@ async def test_image_resolved_once_under_concurrent_first_use():
             requested = [image_id for image_id, _ in emu.image_requests]
             assert len(requested) == len(set(requested))  # every layer requested exactly once
             assert emu.rpc_calls["ImageJoinStreaming"] == len(requested)
-            used = {emu.record(i).image_id for i in ids}
+            used = {record(emu, i).image_id for i in ids}
             assert len(used) == 1 and {r.image for r in emu.creates} == {"python:3.12-slim"}
             assert emu.live_sandboxes() == [] and emu.unimplemented_calls == []
         finally:
@@ -245,7 +267,7 @@ async def test_published_image_by_name(emu, provider):
     image_id = emu.publish_image("sandboxnb-python", ref="python:3.11-bookworm")
     async with provider.sandbox(config_from_flat(image="modal://sandboxnb-python")) as endpoint:
         assert endpoint.config.image == "modal://sandboxnb-python"
-        rec = emu.record(endpoint.sandbox_id)
+        rec = record(emu, endpoint.sandbox_id)
     assert rec.image_id == image_id and rec.image == "python:3.11-bookworm"
     with pytest.raises(ProviderError, match="modal://missing"):
         async with provider.sandbox(config_from_flat(image="modal://missing")):
@@ -265,16 +287,82 @@ async def test_live_sandboxes_and_reap_by_tags(emu, provider):
     assert await provider.live_sandboxes() == []
 
 
-async def test_run_timeout_is_enforced_by_the_control_plane(emu, provider):
-    async with provider.sandbox(config_from_flat(timeout=1)) as endpoint:
+async def test_gc_finds_and_releases_an_orphan_by_its_tags(emu, provider):
+    spec = provider.launch_spec(provider.check(RuntimeConfig()))
+    await provider.create(spec)  # an owner that died before any teardown
+    listed = await asyncio.to_thread(_gc, "--runtime", "modal")
+    assert listed.returncode == 0 and spec.sandbox_id in listed.stdout, listed.stderr
+    assert live(emu) == [spec.sandbox_id]
+    released = await asyncio.to_thread(_gc, "--runtime", "modal", "--delete")
+    assert released.returncode == 0 and spec.sandbox_id in released.stdout, released.stderr
+    assert emu.live_sandboxes() == [] and record(emu, spec.sandbox_id).end_reason == "terminated"
+    other = ModalProvider(session_id="another-session")
+    try:
+        assert await other.live_sandboxes() == [] and await other.reap() == []
+    finally:
+        await other.aclose()
+
+
+def _gc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandboxnb", "gc", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+async def test_run_timeout_ends_the_sandbox(emu, provider):
+    async with provider.sandbox(config_from_flat(timeout=1, startup_timeout_s=20)) as endpoint:
+        rec = record(emu, endpoint.sandbox_id)
+        assert rec.timeout == 21
         await wait_for(lambda: not emu.live_sandboxes(), within=10)
-        assert emu.record(endpoint.sandbox_id).end_reason == "timeout"
-    assert emu.live_sandboxes() == []
+    assert rec.end_reason == "terminated"  # by the base's run timeout, before Modal's cap
+
+
+async def test_modal_lifetime_cap_is_the_backstop_when_the_owner_is_gone(emu, provider):
+    unset = {"limits": {"run_timeout_s": 1, "startup_timeout_s": None, "idle_timeout_s": None}}
+    spec = provider.launch_spec(provider.check(RuntimeConfig().merge(unset)))
+    handle = await provider.create(spec)  # no lifecycle: as if the kernel died right after
+    try:
+        rec = record(emu, spec.sandbox_id)
+        assert rec.timeout == 1
+        await wait_for(lambda: not emu.live_sandboxes(), within=10)
+        assert rec.end_reason == "timeout"
+    finally:
+        await provider.destroy(handle)
+        await provider.destroy(handle)  # idempotent, also once Modal ended it
+
+
+async def test_server_options_follow_the_one_policy(emu, provider):
+    unset = {"limits": {"startup_timeout_s": None, "idle_timeout_s": None}}
+    async with provider.sandbox(RuntimeConfig().merge(unset)) as endpoint:
+        rec = record(emu, endpoint.sandbox_id)
+    args = rec.entrypoint[4 + int(rec.entrypoint[3]):]  # after python3 -c BOOT N CHUNKS
+    assert args == ["--sandbox-id", endpoint.sandbox_id, "--startup-timeout", "0",
+                    "--idle-timeout", "0", "--host", "0.0.0.0", "--port", "7000"]
+    assert rec.idle_timeout is None and rec.timeout == MAX_TIMEOUT_S
+
+
+async def test_sandbox_that_exits_is_reported_at_once(emu, provider, monkeypatch):
+    monkeypatch.setattr(modal_provider, "_bootstrap",
+                        lambda: ("python3", "-c", "import sys; sys.exit(3)"))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ProviderError, match="exited with code 3 before its server answered"):
+        async with provider.sandbox(RuntimeConfig()):
+            pass
+    assert asyncio.get_running_loop().time() - started < 10  # not the 60 s startup deadline
+    assert emu.creates[-1].end_reason == "exited"
+
+
+async def test_untrusted_tunnel_certificate_is_reported_at_once(emu, provider, monkeypatch):
+    monkeypatch.delenv("SANDBOXNB_TLS_CA_FILE")
+    untrusted = r"certificate of tls://.* is not trusted .* SANDBOXNB_TLS_CA_FILE"
+    with pytest.raises(ProviderError, match=untrusted):
+        async with provider.sandbox(config_from_flat(startup_timeout_s=20)):
+            pass
+    assert emu.live_sandboxes() == [] and emu.creates[-1].end_reason == "terminated"
 
 
 async def test_abandoned_sandbox_goes_away_after_idle_timeout(emu, provider):
     async with provider.sandbox(config_from_flat(idle_timeout_s=1)) as endpoint:
-        rec = emu.record(endpoint.sandbox_id)
+        rec = record(emu, endpoint.sandbox_id)
         assert rec.idle_timeout == 1
         # Nobody connects (a crashed client): the server's dead-man switch or Modal's idle
         # timeout ends the sandbox without any terminate call.
@@ -337,7 +425,7 @@ async def test_humaneval_oracle_scores_164_of_164(emu, tmp_path):
         await provider.aclose()
     assert run.total == 164
     failed = [
-        (r["error"], r["sandbox_id"] and emu.record(r["sandbox_id"]).end_reason)
+        (r["error"], r["sandbox_id"] and record(emu, r["sandbox_id"]).end_reason)
         for r in run.rows if r["error"]
     ]
     assert run.counts() == {"ok": 164}, failed[:3]

@@ -7,6 +7,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
+from sandboxnb.errors import ConfigError
 from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError
 
 __all__ = [
@@ -46,7 +47,7 @@ def provider_class(name: str) -> type[Provider]:
     """Import and return the class registered under ``name``."""
     registered = _registered()
     if name not in registered:
-        raise ValueError(
+        raise ConfigError(
             f"runtime = {name!r} is not a known provider; accepted: {', '.join(registered)}"
         )
     module_name, _, attr = registered[name].partition(":")
@@ -57,10 +58,10 @@ def get_provider(runtime: str | Provider, **options: Any) -> Provider:
     """Return a provider instance from a name (``"local"``) or pass an instance through."""
     if isinstance(runtime, Provider):
         if options:
-            raise ValueError("provider options can only be given with a provider name")
+            raise ConfigError("provider options can only be given with a provider name")
         return runtime
     if not isinstance(runtime, str):
-        raise ValueError(
+        raise ConfigError(
             f"runtime = {runtime!r}: expected a provider name ({', '.join(_registered())}) "
             "or a Provider instance"
         )
@@ -84,7 +85,7 @@ def describe_providers() -> list[dict[str, Any]]:
             rows.append({
                 "provider": name, "available": False, "supports": "",
                 "reason": f"cannot import: {err} (try: pip install 'sandboxnb[{name}]')",
-                "description": "",
+                "transport": "", "description": "",
             })
             continue
         rows.append({
@@ -92,6 +93,7 @@ def describe_providers() -> list[dict[str, Any]]:
             "available": bool(status.available),
             "supports": ", ".join(sorted(supported)),
             "reason": "" if status.available else status.reason,
+            "transport": getattr(cls, "transport", ""),
             "description": getattr(cls, "description", ""),
         })
     return rows

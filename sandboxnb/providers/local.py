@@ -2,61 +2,66 @@
 
 Each sandbox gets a private temp directory (its working dir), a random token and a server
 started with the real interpreter (``sys.executable -S -E -s sandboxnb.server.pyz``) in its own
-session, listening on ``127.0.0.1`` with an ephemeral port. ``isolation="namespaces"`` runs it
-under ``unshare --user --map-root-user --pid --mount --net --fork`` and reaches it through a unix
-socket in the sandbox directory (no network inside).
+session. The provider opens the listening socket itself (``127.0.0.1`` with an ephemeral port)
+and hands it to the server, so the address is known before the server runs.
+``isolation="namespaces"`` runs the server under ``unshare --user --map-root-user --pid --mount
+--net --fork`` and listens on a unix socket in the sandbox directory (no network inside).
 
 Honoured fields: ``resources.memory_mb`` (RLIMIT_AS on the server and every process it starts),
 ``resources.cpu`` (only when a writable cgroup v1 ``cpu`` hierarchy exists: a CFS quota of
-``cpu`` cores for the whole sandbox; otherwise it is rejected), and every ``limits`` field
-(``run_timeout_s`` caps the sandbox lifetime: it is killed when it expires).
+``cpu`` cores for the whole sandbox; otherwise it is rejected), and every ``limits`` field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sandboxnb.config import ConfigError, RuntimeConfig
-from sandboxnb.providers.base import Availability, Endpoint, Provider, ProviderError
+from sandboxnb.bundle import bundle_path
+from sandboxnb.errors import ConfigError
+from sandboxnb.providers.base import Availability, Found, LaunchSpec, Provider
+from sandboxnb.providers.local_cgroup import CpuCgroup, cpu_cgroup_parent
 
 __all__ = ["LocalProvider"]
 
 log = logging.getLogger("sandboxnb.providers.local")
 
 ISOLATIONS = ("none", "namespaces")
-CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
-_READY = b"SANDBOXNB_READY "
 _TERM_GRACE_S = 2.0
 _UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--mount", "--net", "--fork",
             "--mount-proc", "--kill-child=SIGKILL"]
 
 
-def _cpu_cgroup_parent() -> Path | None:
-    """A writable cgroup v1 cpu directory for our sandboxes, or None."""
-    parent = CPU_CGROUP / "sandboxnb"
-    try:
-        parent.mkdir(exist_ok=True)
-        probe = parent / f"probe-{os.getpid()}-{secrets.token_hex(3)}"
-        probe.mkdir()
-        ok = (probe / "cpu.cfs_quota_us").exists()
-        probe.rmdir()
-        return parent if ok else None
-    except OSError:
-        return None
+class LocalSandbox:
+    """One running local sandbox: its process, directory, socket address and cgroup."""
+
+    def __init__(self, spec: LaunchSpec, root: Path) -> None:
+        self.sandbox_id = spec.sandbox_id
+        self.labels = dict(spec.labels)
+        self.root = root
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cgroup: CpuCgroup | None = None
+        self.log_path = root / "server.log"
+
+    def log_tail(self) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"; server log:\n{text[-2000:]}" if text else ""
 
 
 class LocalProvider(Provider):
@@ -67,6 +72,7 @@ class LocalProvider(Provider):
     #: writable cgroup v1 cpu hierarchy exists (see :attr:`supported` on the instance).
     supported: ClassVar[frozenset[str]] = frozenset({"resources.memory_mb", "limits"})
     description = "a server process on this machine (temp dir, own session, optional namespaces)"
+    transport = "tcp on 127.0.0.1 (unix socket with isolation='namespaces')"
 
     def __init__(self, *, isolation: str = "none", python: str | None = None,
                  root: str | os.PathLike[str] | None = None, cgroups: bool = True) -> None:
@@ -80,10 +86,10 @@ class LocalProvider(Provider):
         self.isolation = isolation
         self.python = python or sys.executable
         self.root = str(root) if root is not None else None
-        self._cgroup_parent = _cpu_cgroup_parent() if cgroups else None
+        self._cgroup_parent = cpu_cgroup_parent() if cgroups else None
         if self._cgroup_parent is not None:
             self.supported = type(self).supported | {"resources.cpu"}  # type: ignore[misc]
-        self._live: dict[str, subprocess.Popen[bytes]] = {}
+        self._live: dict[str, LocalSandbox] = {}
 
     @classmethod
     def availability(cls) -> Availability:
@@ -92,155 +98,111 @@ class LocalProvider(Provider):
         extra = "" if shutil.which("unshare") else " (isolation='namespaces' needs unshare)"
         return Availability(True, "runs sandbox servers as local processes" + extra)
 
-    async def live_sandboxes(self) -> list[str]:
-        return [sid for sid, proc in self._live.items() if proc.poll() is None]
-
-    def sandbox(
-        self, config: RuntimeConfig | None = None
-    ) -> contextlib.AbstractAsyncContextManager[Endpoint]:
-        """Start a fresh server; yield its :class:`Endpoint`; kill it and remove its dir."""
-        config = self.check(config if config is not None else RuntimeConfig())
-        return self._sandbox(config)
-
-    @contextlib.asynccontextmanager
-    async def _sandbox(self, config: RuntimeConfig) -> AsyncIterator[Endpoint]:
-        from sandboxnb.server import bundle_path
-
-        sandbox_id = f"local-{secrets.token_hex(5)}"
-        token = secrets.token_urlsafe(32)
-        root = Path(tempfile.mkdtemp(prefix=f"sandboxnb-{sandbox_id}-", dir=self.root))
-        state = _Running(sandbox_id, root)
+    # -- backend hooks ----------------------------------------------------------------------
+    async def create(self, spec: LaunchSpec) -> LocalSandbox:
+        root = Path(tempfile.mkdtemp(prefix=f"sandboxnb-{spec.sandbox_id}-", dir=self.root))
+        box = LocalSandbox(spec, root)
+        self._live[spec.sandbox_id] = box
+        workdir = root / "work"
+        workdir.mkdir()
+        listener = self._listener(box)
         try:
-            workdir = root / "work"
-            workdir.mkdir()
-            limits, res = config.limits, config.resources
-            argv = [self.python, "-S", "-E", "-s", str(bundle_path()),
-                    "--sandbox-id", sandbox_id, "--workdir", str(workdir),
-                    "--startup-timeout", str(limits.startup_timeout_s or 0),
-                    "--idle-timeout", str(limits.idle_timeout_s or 0)]
-            if res.memory_mb:
-                argv += ["--memory-mb", str(res.memory_mb)]
+            fd = listener.fileno()
+            args = spec.server_args(workdir=str(workdir), memory_mb=True,
+                                    listen=["--listen-fd", str(fd)],
+                                    owner_pid=None if self.isolation == "namespaces"
+                                    else os.getpid())
+            argv = [self.python, "-S", "-E", "-s", str(bundle_path()), *args]
             if self.isolation == "namespaces":
-                sock = root / "server.sock"
-                argv = [*_UNSHARE, *argv, "--unix", str(sock)]
-            else:
-                # the server also exits within a second if this process dies (crashed kernel)
-                argv += ["--host", "127.0.0.1", "--port", "0", "--owner-pid", str(os.getpid())]
+                argv = [*_UNSHARE, *argv]
             # `python3` in the sandbox is the interpreter that runs it (as in an active venv)
             path = os.pathsep.join([os.path.dirname(self.python), os.environ.get("PATH", "")])
-            env = dict(os.environ, SANDBOXNB_TOKEN=token, PATH=path)
-            if res.memory_mb:
+            env = dict(os.environ, PATH=path, **spec.server_env())
+            if spec.config.resources.memory_mb:
                 env["MALLOC_ARENA_MAX"] = "2"  # fewer malloc arenas reserving address space
-            state.log = open(root / "server.log", "wb")  # noqa: ASYNC230 - closed in teardown
-            state.proc = proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not wait
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=state.log,
-                cwd=root, env=env, start_new_session=True, close_fds=True,
-            )
-            self._live[sandbox_id] = proc
-            if self._cgroup_parent is not None:  # quota if asked; always a teardown sweep
-                state.cgroup = _make_cpu_cgroup(self._cgroup_parent / sandbox_id, res.cpu)
-                _cgroup_add(state.cgroup, proc.pid)
-            ready = await _read_ready(proc, limits.startup_timeout_s, root / "server.log")
-            if self.isolation == "namespaces":
-                url = f"unix://{sock}"
-                if state.cgroup is not None:  # the namespaced server may have forked before
-                    for pid in _children(proc.pid):
-                        _cgroup_add(state.cgroup, pid)
-            else:
-                url = f"tcp://127.0.0.1:{ready['port']}"
-            if limits.run_timeout_s:
-                state.timer = asyncio.get_running_loop().call_later(
-                    limits.run_timeout_s, _expire, state, limits.run_timeout_s
+            with open(box.log_path, "wb") as log_file:  # noqa: ASYNC230 - a local temp file
+                box.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not wait
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
+                    cwd=root, env=env, start_new_session=True, close_fds=True, pass_fds=(fd,),
                 )
-            meta = {"pid": proc.pid, "workdir": str(workdir), "dir": str(root),
-                    "isolation": self.isolation, "started_at": time.time()}
-            yield Endpoint(url=url, token=token, sandbox_id=sandbox_id, provider=self.name,
-                           config=config, meta=meta)
         finally:
-            self._live.pop(sandbox_id, None)
-            await _teardown(state, graceful=self.isolation == "none")
+            listener.close()  # the server holds its own copy
+        if self._cgroup_parent is not None:  # quota if asked; always a teardown sweep
+            box.cgroup = CpuCgroup.create(self._cgroup_parent / spec.sandbox_id,
+                                          spec.config.resources.cpu)
+            box.cgroup.add(box.proc.pid)
+        return box
+
+    def _listener(self, box: LocalSandbox) -> socket.socket:
+        """The server's listening socket, opened here so its address is known at once."""
+        if self.isolation == "namespaces":
+            path = box.root / "server.sock"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            box.url = f"unix://{path}"
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            box.url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        sock.listen(128)
+        sock.set_inheritable(True)
+        return sock
+
+    async def address(self, handle: LocalSandbox) -> str:
+        if handle.cgroup is not None and self.isolation == "namespaces":
+            for pid in _children(handle.proc.pid):  # the namespaced server forked under unshare
+                handle.cgroup.add(pid)
+        return handle.url
+
+    async def failure(self, handle: LocalSandbox) -> str | None:
+        code = handle.proc.poll() if handle.proc is not None else None
+        if code is None:
+            return None
+        return f"the server exited before it was ready (exit code {code}){handle.log_tail()}"
+
+    def endpoint_meta(self, handle: LocalSandbox) -> dict[str, Any]:
+        return {"pid": handle.proc.pid if handle.proc else None,
+                "workdir": str(handle.root / "work"), "dir": str(handle.root),
+                "isolation": self.isolation, "started_at": time.time()}
+
+    async def destroy(self, handle: LocalSandbox) -> None:
+        """SIGTERM (the server ends its children), then SIGKILL the group, sweep the cgroup and
+        remove the directory."""
+        proc = handle.proc
+        if proc is not None:
+            if self.isolation == "none" and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                if not await _wait_exit(proc, _TERM_GRACE_S):
+                    log.warning("sandbox %s ignored SIGTERM: killing it", handle.sandbox_id)
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await _wait_exit(proc, None)
+        if handle.cgroup is not None:
+            await handle.cgroup.remove()
+        shutil.rmtree(handle.root, ignore_errors=True)
+        self._live.pop(handle.sandbox_id, None)
+
+    async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
+        """Local sandboxes never outlive their owner: only this provider's own are listed."""
+        return [Found(box.sandbox_id, box, box.labels) for box in list(self._live.values())
+                if box.proc is not None and box.proc.poll() is None
+                and all(box.labels.get(k) == v for k, v in labels.items())]
+
+    def owner_labels(self, *, session_only: bool = False) -> dict[str, str]:
+        return {} if not session_only else {"sandboxnb.session": self.session_id}
 
 
-class _Running:
-    """What teardown needs to find again."""
-
-    def __init__(self, sandbox_id: str, root: Path) -> None:
-        self.sandbox_id = sandbox_id
-        self.root = root
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log: Any = None
-        self.cgroup: Path | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.expired = False
-
-
-def _expire(state: _Running, after: float) -> None:
-    log.warning("sandbox %s reached its run timeout of %gs: killing it", state.sandbox_id, after)
-    state.expired = True
-    _kill_group(state, signal.SIGTERM)  # the server kills its children's groups, then exits
-    asyncio.get_running_loop().call_later(
-        _TERM_GRACE_S, lambda: state.proc is not None and state.proc.poll() is None
-        and _kill_group(state)
-    )
-
-
-def _kill_group(state: _Running, sig: int = signal.SIGKILL) -> None:
-    if state.proc is None:
-        return
+def _children(pid: int) -> list[int]:
     try:
-        os.killpg(state.proc.pid, sig)
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        pass
-
-
-async def _read_ready(proc: subprocess.Popen[bytes], within: float | None,
-                      log_path: Path) -> dict[str, Any]:
-    """Read the READY line from the server's stdout without blocking the loop."""
-    loop = asyncio.get_running_loop()
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    os.set_blocking(fd, False)
-    deadline = None if within is None else loop.time() + within
-    buf = b""
-    while b"\n" not in buf:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            waiter = loop.create_future()
-            loop.add_reader(fd, lambda w=waiter: w.done() or w.set_result(None))
-            try:
-                remaining = None if deadline is None else max(deadline - loop.time(), 0)
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                raise ProviderError(
-                    f"local sandbox server was not ready within limits.startup_timeout_s = "
-                    f"{within:g}s{_log_tail(log_path)}"
-                ) from None
-            finally:
-                loop.remove_reader(fd)
-            continue
-        if not chunk:
-            code = proc.poll()
-            raise ProviderError(
-                f"local sandbox server exited before it was ready (exit code {code})"
-                f"{_log_tail(log_path)}"
-            )
-        buf += chunk
-    line = buf.split(b"\n", 1)[0]
-    if not line.startswith(_READY):
-        raise ProviderError(f"local sandbox server printed {line[:200]!r} instead of READY")
-    return json.loads(line[len(_READY):])
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-    return f"; server log:\n{text[-2000:]}" if text else ""
+        return []
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], within: float | None) -> bool:
-    """Wait for ``proc`` to exit without blocking the loop (pidfd when available)."""
+    """Wait for ``proc`` to exit without blocking the loop (a pidfd when available)."""
     if proc.poll() is not None:
         return True
     loop = asyncio.get_running_loop()
@@ -264,103 +226,3 @@ async def _wait_exit(proc: subprocess.Popen[bytes], within: float | None) -> boo
     proc.wait()
     return True
 
-
-async def _teardown(state: _Running, graceful: bool) -> None:
-    """Kill the server (and its children), reap it, sweep the cgroup, remove the dir.
-
-    Runs to completion even if the awaiting task is cancelled meanwhile.
-    """
-    task = asyncio.ensure_future(_teardown_async(state, graceful))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        _teardown_sync(state)
-        raise
-
-
-async def _teardown_async(state: _Running, graceful: bool) -> None:
-    if state.timer is not None:
-        state.timer.cancel()
-    proc = state.proc
-    if proc is not None:
-        if graceful and proc.poll() is None:
-            try:  # the server kills its own children's process groups on SIGTERM
-                os.kill(proc.pid, signal.SIGTERM)
-            except OSError:
-                pass
-            if not await _wait_exit(proc, _TERM_GRACE_S):
-                log.warning("sandbox %s ignored SIGTERM: killing it", state.sandbox_id)
-        _kill_group(state)
-        await _wait_exit(proc, None)
-    if state.cgroup is not None:
-        await _remove_cgroup(state.cgroup)
-    _teardown_sync(state)
-
-
-def _teardown_sync(state: _Running) -> None:
-    if state.timer is not None:
-        state.timer.cancel()
-    proc = state.proc
-    if proc is not None:
-        _kill_group(state)
-        if proc.poll() is None:
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-    if state.cgroup is not None:
-        _sweep_cgroup(state.cgroup)
-    if state.log is not None:
-        state.log.close()
-    shutil.rmtree(state.root, ignore_errors=True)
-
-
-# -- cgroup v1 cpu quota ------------------------------------------------------------------------
-
-
-def _make_cpu_cgroup(path: Path, cpu: float | None) -> Path:
-    path.mkdir(exist_ok=True)
-    if cpu:
-        period = 100_000
-        (path / "cpu.cfs_period_us").write_text(str(period))
-        (path / "cpu.cfs_quota_us").write_text(str(max(1000, int(cpu * period))))
-    return path
-
-
-def _cgroup_add(path: Path, pid: int) -> None:
-    try:
-        (path / "cgroup.procs").write_text(str(pid))
-    except OSError as exc:  # the process may already be gone
-        log.debug("cannot move %s into %s: %s", pid, path, exc)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _sweep_cgroup(path: Path) -> None:
-    """SIGKILL anything still in the sandbox's cgroup (escaped grandchildren included)."""
-    try:
-        pids = (path / "cgroup.procs").read_text().split()
-    except OSError:
-        return
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
-
-
-async def _remove_cgroup(path: Path) -> None:
-    for _ in range(50):
-        _sweep_cgroup(path)
-        try:
-            path.rmdir()  # noqa: ASYNC240 - a cgroup rmdir does no disk I/O
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            await asyncio.sleep(0.01)  # killed tasks leave the cgroup once reaped
-    log.warning("could not remove cgroup %s", path)

@@ -1,0 +1,122 @@
+"""The launch spec: everything a backend needs to start one sandbox running our server.
+
+One place decides the sandbox id, the token, the labels (one timestamp format) and the server's
+options, from ONE policy for unset limits, the same on every provider:
+
+=====================  =========  ==============================================================
+field                  default    ``None`` means
+=====================  =========  ==============================================================
+``startup_timeout_s``  60 s       no deadline on acquire, and the server waits for its first
+                                  client forever
+``run_timeout_s``      none       no lifetime cap from sandboxnb (a backend with a hard cap of
+                                  its own, like Modal's 24 h, still applies it)
+``idle_timeout_s``     300 s      the dead-man switch is off: the server never exits for lack
+                                  of a client (a local sandbox still exits with its owner)
+=====================  =========  ==============================================================
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sandboxnb.config import RuntimeConfig
+
+__all__ = [
+    "LABEL",
+    "SERVER_BUNDLE_NAME",
+    "TOKEN_ENV",
+    "LaunchSpec",
+    "make_launch_spec",
+    "owner_label",
+    "sandbox_labels",
+]
+
+#: Every sandbox carries ``LABEL=1``; the other labels are ``LABEL + ".<key>"``.
+LABEL = "sandboxnb"
+#: The environment variable that hands the token to the server (it removes it at start).
+TOKEN_ENV = "SANDBOXNB_TOKEN"
+#: The file name of the shipped server zipapp.
+SERVER_BUNDLE_NAME = "sandboxnb.server.pyz"
+
+
+def owner_label() -> str:
+    """``user@host``: who owns a sandbox, for the labels that let us find it again."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def utc_stamp() -> str:
+    """The one timestamp format of labels: ``2026-01-31T12:00:00Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sandbox_labels(provider: str, sandbox_id: str, session: str) -> dict[str, str]:
+    """The labels every sandbox of ours carries, on every backend."""
+    return {
+        LABEL: "1",
+        f"{LABEL}.provider": provider,
+        f"{LABEL}.sandbox_id": sandbox_id,
+        f"{LABEL}.owner": owner_label(),
+        f"{LABEL}.session": session,
+        f"{LABEL}.pid": str(os.getpid()),
+        f"{LABEL}.created": utc_stamp(),
+    }
+
+
+def _seconds(value: float | None) -> str:
+    """A limit as the server's option value: ``0`` disables it (the policy's ``None``)."""
+    return "0" if value is None else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """One sandbox to start: who it is, how it proves it is ours, how its server runs."""
+
+    sandbox_id: str
+    token: str = field(repr=False)
+    config: RuntimeConfig
+    labels: Mapping[str, str]
+
+    def server_args(self, *, workdir: str | None = None, listen: list[str] | None = None,
+                    memory_mb: bool = False, owner_pid: int | None = None) -> list[str]:
+        """The server's options (after ``python3 BUNDLE``), from the one policy.
+
+        ``listen`` is how it listens (``["--host", "0.0.0.0", "--port", "7000"]``,
+        ``["--unix", PATH]`` or ``["--listen-fd", "N"]``); ``memory_mb`` makes the server
+        cap its own address space (for backends without a memory limit of their own).
+        """
+        limits = self.config.limits
+        args = ["--sandbox-id", self.sandbox_id,
+                "--startup-timeout", _seconds(limits.startup_timeout_s),
+                "--idle-timeout", _seconds(limits.idle_timeout_s)]
+        if workdir is not None:
+            args += ["--workdir", workdir]
+        if memory_mb and self.config.resources.memory_mb is not None:
+            args += ["--memory-mb", str(self.config.resources.memory_mb)]
+        if owner_pid is not None:
+            args += ["--owner-pid", str(owner_pid)]
+        return [*args, *(listen or [])]
+
+    def server_env(self) -> dict[str, str]:
+        """The environment the server needs: the token (which it removes at start)."""
+        return {TOKEN_ENV: self.token}
+
+
+def make_launch_spec(provider: str, config: RuntimeConfig, *, session: str) -> LaunchSpec:
+    """A new sandbox's spec: a fresh id and token, the labels, the config."""
+    sandbox_id = f"{provider}-{secrets.token_hex(6)}"
+    return LaunchSpec(
+        sandbox_id=sandbox_id,
+        token=secrets.token_urlsafe(32),
+        config=config,
+        labels=sandbox_labels(provider, sandbox_id, session),
+    )
