@@ -192,10 +192,13 @@ async def test_dead_server_raises_connection_lost_promptly(server, how):
 
 
 async def test_repr_never_shows_the_token(server):
+    """Neither the plain repr nor the HTML the notebook layer registers for a Sandbox."""
+    from sandboxnb.notebook.reprs import sandbox_html
+
     url, _, _ = server
     sb = await connect(url, TOKEN)
     try:
-        text, html = repr(sb), sb._repr_html_()
+        text, html = repr(sb), sandbox_html(sb)
         assert "open" in text and url in text and TOKEN not in text + html
         assert "sandboxnb" in html and sb.info["python"] in html
     finally:
