@@ -64,7 +64,7 @@ def _docker() -> Iterator[Harness]:
         host = client.api.inspect_container(endpoint.meta["container_id"])["HostConfig"]
         return host["NanoCpus"] / 1e9, host["Memory"] // MiB
 
-    async def server_command(endpoint: Endpoint) -> list[str]:  # what the engine runs
+    async def server_command(endpoint: Endpoint, sandbox: Any) -> list[str]:  # engine record
         info = await asyncio.to_thread(client.api.inspect_container, endpoint.meta["container_id"])
         return [info["Path"], *info["Args"]]
 
