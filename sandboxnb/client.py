@@ -146,17 +146,17 @@ async def connect(
         else:
             ssl = _tls_context() if scheme == "tls" else None
             opening = asyncio.open_connection(host, port, limit=max_frame_bytes + 1, ssl=ssl)
-        reader, writer = await asyncio.wait_for(opening, connect_timeout_s)
+        async with asyncio.timeout(connect_timeout_s):
+            reader, writer = await opening
     except TimeoutError:
         raise SandboxTimeout(f"connecting to {url} took longer than {connect_timeout_s}s") from None
     except OSError as exc:
         raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
     sandbox = Sandbox(reader, writer, url=url, endpoint=endpoint, max_frame_bytes=max_frame_bytes)
     try:
-        info = await asyncio.wait_for(
-            sandbox._request("auth", {"token": token, "protocol": P.PROTOCOL_VERSION}),
-            connect_timeout_s,
-        )
+        async with asyncio.timeout(connect_timeout_s):
+            info = await sandbox._request(
+                "auth", {"token": token, "protocol": P.PROTOCOL_VERSION})
     except RemoteError as exc:
         await sandbox.close()
         if exc.code in _AUTH_CODES:

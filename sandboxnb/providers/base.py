@@ -340,7 +340,8 @@ class Provider(abc.ABC):
                           self.name, state.spec.sandbox_id, self.release_grace_s)
                 break
             try:
-                await asyncio.wait_for(asyncio.shield(task), remaining)
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(task)
             except asyncio.CancelledError:
                 cancelled = True
             except TimeoutError:

@@ -210,14 +210,16 @@ async def _wait_exit(proc: subprocess.Popen[bytes], within: float | None) -> boo
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), within)
+            async with asyncio.timeout(within):
+                await asyncio.to_thread(proc.wait)
             return True
         except TimeoutError:
             return False
     waiter = loop.create_future()
     loop.add_reader(pidfd, lambda: waiter.done() or waiter.set_result(None))
     try:
-        await asyncio.wait_for(waiter, within)
+        async with asyncio.timeout(within):
+            await waiter
     except TimeoutError:
         return False
     finally:
