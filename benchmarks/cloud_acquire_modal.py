@@ -25,9 +25,9 @@ import asyncio
 import statistics
 import time
 
-from sandboxnb import protocol as P
 from sandboxnb.config import config_from_flat
 from sandboxnb.providers.modal import ModalProvider
+from sandboxnb.server import wire as P
 from sandboxnb.testing.modal_emulator import ModalEmulator
 
 _CREATE_RPCS = (

@@ -1,5 +1,83 @@
-"""Host side: the server zipapp shipped into every sandbox."""
+"""The sandbox server as one shippable file: a zipapp of every module of :mod:`sandboxnb.server`.
 
-from sandboxnb.server import bundle_bytes, bundle_path
+Host side only (it never ships). Providers copy :func:`bundle_bytes` into an image, or run
+:func:`bundle_path` locally, as ``python3 -S -E -s sandboxnb.server.pyz [options]``; the bundle
+needs nothing but the standard library of any Python >= 3.9.
+"""
 
-__all__ = ["bundle_bytes", "bundle_path"]
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import io
+import os
+import tempfile
+import zipfile
+from importlib import _bootstrap_external
+from pathlib import Path
+
+#: File name providers give the bundle inside a sandbox.
+BUNDLE_NAME = "sandboxnb.server.pyz"
+
+_SERVER_DIR = Path(__file__).resolve().parent / "server"
+_MAIN = "import sys\nfrom sandboxnb.server.__main__ import main\nsys.exit(main())\n"
+_INIT = '"""sandboxnb sandbox server bundle (stdlib only)."""\n'
+_DATE = (2020, 1, 1, 0, 0, 0)
+
+
+def build_bundle() -> bytes:
+    """Build the zipapp: ``__main__.py``, a stub ``sandboxnb`` package, ``sandboxnb/server/*.py``.
+
+    Deterministic (sorted members, fixed timestamps). Next to each server module it carries an
+    unchecked hash-based .pyc for this interpreter, so a matching interpreter skips compiling and
+    others fall back to the sources.
+    """
+    files = {"__main__.py": _MAIN.encode(), "sandboxnb/__init__.py": _INIT.encode()}
+    for path in sorted(_SERVER_DIR.glob("*.py")):
+        files[f"sandboxnb/server/{path.name}"] = path.read_bytes()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            _add(zf, name, data)
+            if name.startswith("sandboxnb/"):
+                pyc = _pyc(name, data)
+                if pyc is not None:
+                    _add(zf, name + "c", pyc)
+    return out.getvalue()
+
+
+@functools.cache
+def bundle_bytes() -> bytes:
+    """The zipapp (built once per process); run it as ``python3 -S -E -s X.pyz [options]``."""
+    return build_bundle()
+
+
+def bundle_path() -> Path:
+    """Write the bundle once to a per-user cache file (content-addressed) and return its path."""
+    data = bundle_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"sandboxnb-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / f"{BUNDLE_NAME.removesuffix('.pyz')}-{digest}.pyz"
+    if not path.exists() or path.stat().st_size != len(data):
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_DATE)
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def _pyc(name: str, source: bytes) -> bytes | None:
+    try:
+        code = compile(source, f"<sandboxnb.server bundle>/{name}", "exec", dont_inherit=True)
+        return bytes(
+            _bootstrap_external._code_to_hash_pyc(code, importlib.util.source_hash(source), False)
+        )
+    except Exception:
+        return None

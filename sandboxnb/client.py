@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sandboxnb import protocol as P
 from sandboxnb.errors import (
     AuthenticationError,
     ConnectionLost,
@@ -34,6 +33,7 @@ from sandboxnb.errors import (
     SandboxError,
     SandboxTimeout,
 )
+from sandboxnb.server import wire as P
 
 if TYPE_CHECKING:
     from sandboxnb.providers.base import Endpoint

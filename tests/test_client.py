@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sandboxnb import protocol as P
+from sandboxnb.bundle import bundle_path
 from sandboxnb.client import ExecResult, PythonResult, connect
 from sandboxnb.errors import (
     AuthenticationError,
@@ -21,7 +21,7 @@ from sandboxnb.errors import (
     RemotePythonError,
     SandboxTimeout,
 )
-from sandboxnb.server import bundle_path
+from sandboxnb.server import wire as P
 
 from .conftest import pid_alive
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sandboxnb import protocol as P
-from sandboxnb.server import BUNDLE_NAME, bundle_bytes, bundle_path
+import sandboxnb.server
+from sandboxnb.bundle import BUNDLE_NAME, build_bundle, bundle_bytes, bundle_path
+from sandboxnb.server import wire as P
 
 
 def test_roundtrip_is_one_ascii_line():
@@ -67,11 +68,16 @@ def test_error_codes_are_distinct_and_named():
     assert P.PROTOCOL_VERSION == 1 and P.MAX_FRAME_BYTES == 32 * 1024 * 1024
 
 
-def test_bundle_is_deterministic_and_self_contained():
+def test_bundle_is_deterministic_and_holds_every_server_module():
     data = bundle_bytes()
+    assert build_bundle() == data
     names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
-    assert {"__main__.py", "sandboxnb/__init__.py", "sandboxnb/protocol.py",
-            "sandboxnb/server.py"} <= names
+    server_dir = Path(sandboxnb.server.__file__).parent
+    sources = {"__main__.py", "sandboxnb/__init__.py"} | {
+        f"sandboxnb/server/{path.name}" for path in server_dir.glob("*.py")
+    }
+    assert {"sandboxnb/server/__init__.py", "sandboxnb/server/wire.py"} <= sources
+    assert {name for name in names if name.endswith(".py")} == sources
     path = bundle_path()
     assert "sandboxnb.server" in path.name and path.read_bytes() == data
     assert BUNDLE_NAME.startswith("sandboxnb.server")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxnb import protocol as P
-from sandboxnb.server import bundle_path
+from sandboxnb.bundle import bundle_path
+from sandboxnb.server import wire as P
 
 from .conftest import pid_alive
 

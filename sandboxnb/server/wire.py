@@ -5,7 +5,8 @@ newline). A connection starts with ``auth {token, protocol}``; afterwards the cl
 (``exec``, ``python``, ...) and the server answers each with a response carrying the same ``id``,
 possibly preceded by ``output {id, stream, data}`` notifications while the request runs.
 
-Stdlib only and Python >= 3.9: this module ships inside the sandbox server bundle.
+Stdlib only and Python >= 3.9: this module ships inside the sandbox server bundle; the client
+imports it too (``from sandboxnb.server import wire``).
 """
 
 from __future__ import annotations

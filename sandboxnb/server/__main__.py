@@ -1,0 +1,60 @@
+"""Entry point: ``python3 -m sandboxnb.server [options]``, and the zipapp's ``__main__``.
+
+Once listening it prints one line to stdout for humans (launchers do not need it)::
+
+    SANDBOXNB_READY {"port": N, "pid": P, "protocol": 1}
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+
+from . import wire as P
+from .lifecycle import Server
+from .listen import listen
+from .log import log
+from .options import TOKEN_ENV, parse_args
+
+READY_PREFIX = "SANDBOXNB_READY "
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until shutdown or the dead-man switch fires."""
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    token = os.environ.pop(TOKEN_ENV, None)
+    if not token:
+        log(f"env {TOKEN_ENV} is required (the per-sandbox secret); refusing to start")
+        return 2
+    if opts["memory_mb"]:
+        import resource
+
+        limit = opts["memory_mb"] * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if opts["workdir"]:
+        os.makedirs(opts["workdir"], exist_ok=True)
+        os.chdir(opts["workdir"])
+    try:
+        listener, port = listen(opts)
+    except OSError as exc:
+        where = opts["unix"] or f"{opts['host']}:{opts['port']}"
+        log(f"cannot listen on {where}: {exc}")
+        return 1
+    server = Server(opts, token, listener)
+    import _signal
+
+    _signal.signal(_signal.SIGTERM, lambda *_: server.exit(0))
+    _thread.stack_size(1 << 20)  # keeps address space small under RLIMIT_AS
+    ready = (f'{READY_PREFIX}{{"port": {"null" if port is None else port}, '
+             f'"pid": {os.getpid()}, "protocol": {P.PROTOCOL_VERSION}}}\n')
+    os.write(1, ready.encode())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.exit(130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

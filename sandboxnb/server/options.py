@@ -1,0 +1,76 @@
+"""The server's command line, and where its token comes from.
+
+``argparse`` is avoided on purpose: importing it costs startup time.
+"""
+
+from __future__ import annotations
+
+from . import wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+#: The per-sandbox secret; read once at start and removed from the environment.
+TOKEN_ENV = "SANDBOXNB_TOKEN"
+
+USAGE = (
+    "usage: python3 -m sandboxnb.server [--host 127.0.0.1] [--port 0] [--unix PATH] "
+    "[--sandbox-id ID] [--idle-timeout S] [--startup-timeout S] [--memory-mb N] "
+    "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N] [--owner-pid PID] "
+    "[--listen-fd FD]\n"
+    f"The token is read from env {TOKEN_ENV} (required)."
+)
+_OPTIONS = {
+    "--host": str,
+    "--port": int,
+    "--unix": str,
+    "--sandbox-id": str,
+    "--idle-timeout": float,
+    "--startup-timeout": float,
+    "--memory-mb": int,
+    "--workdir": str,
+    "--max-frame-bytes": int,
+    "--max-file-bytes": int,
+    "--owner-pid": int,
+    "--listen-fd": int,
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """Options by name (``--idle-timeout`` -> ``idle_timeout``); SystemExit on a bad command line.
+
+    A number <= 0 (other than ``--port``) means "none": it disables that timeout or limit.
+    """
+    opts: dict[str, Any] = {
+        "host": "127.0.0.1", "port": 0, "unix": None, "sandbox_id": None,
+        "idle_timeout": 300.0, "startup_timeout": 60.0, "memory_mb": None, "workdir": None,
+        "max_frame_bytes": wire.MAX_FRAME_BYTES, "max_file_bytes": wire.MAX_FILE_BYTES,
+        "owner_pid": None, "listen_fd": None,
+    }
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        name, eq, value = arg.partition("=")
+        if name not in _OPTIONS:
+            raise SystemExit(f"sandboxnb.server: unknown option {arg!r}\n{USAGE}")
+        if not eq:
+            i += 1
+            if i >= len(argv):
+                raise SystemExit(f"sandboxnb.server: option {name} needs a value\n{USAGE}")
+            value = argv[i]
+        try:
+            parsed = _OPTIONS[name](value)
+        except ValueError:
+            raise SystemExit(
+                f"sandboxnb.server: {name} = {value!r} is not a valid "
+                f"{_OPTIONS[name].__name__}"
+            ) from None
+        if isinstance(parsed, (int, float)) and name != "--port" and parsed <= 0:
+            parsed = None  # 0 disables a timeout / limit
+        opts[name[2:].replace("-", "_")] = parsed
+        i += 1
+    return opts
