@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 import sandboxnb.server
 from sandboxnb.bundle import BUNDLE_NAME, build_bundle, bundle_bytes, bundle_path
 from sandboxnb.server import wire as P
+
+from .conftest import pid_alive
 
 
 def test_roundtrip_is_one_ascii_line():
@@ -89,15 +93,33 @@ def _oldest_python() -> str | None:
     return None
 
 
+def _call(stream, req_id: int, method: str, **params) -> tuple[dict, dict[str, str]]:
+    """One request over a raw stream: its response and the output notified before it."""
+    stream.write(P.encode(P.request(req_id, method, params)))
+    stream.flush()
+    output = {"stdout": "", "stderr": ""}
+    while True:
+        message = json.loads(stream.readline())
+        if message.get("method") == "output" and message["params"]["id"] == req_id:
+            output[message["params"]["stream"]] += message["params"]["data"]
+        elif message.get("id") == req_id:
+            return message, output
+
+
 @pytest.mark.parametrize("python", [sys.executable, "oldest"])
-def test_bundle_runs_without_sandboxnb_installed(python, tmp_path):
-    """The zipapp starts under a bare interpreter (-I: no site-packages, no cwd on sys.path)."""
+def test_bundle_serves_exec_and_python_on_a_bare_interpreter(python, tmp_path):
+    """The zipapp as providers start it (``-S -E -s``: no site-packages, so no sandboxnb but the
+    bundle's), on this Python and on the oldest supported one (3.9): a real exec and python round
+    trip, then the dead-man switch ends the server and its Python worker."""
     if python == "oldest":
         python = _oldest_python()
         assert python is not None, "the Python 3.9 compatibility check needs pyenv's 3.9"
+    version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     env = {"SANDBOXNB_TOKEN": "t", "PATH": os.environ["PATH"]}
     proc = subprocess.Popen(
-        [python, "-I", str(bundle_path()), "--startup-timeout", "0.3", "--workdir", str(tmp_path)],
+        [python, "-S", "-E", "-s", str(bundle_path()), "--idle-timeout", "0.5",
+         "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
     )
     try:
@@ -105,9 +127,35 @@ def test_bundle_runs_without_sandboxnb_installed(python, tmp_path):
         assert line.startswith("SANDBOXNB_READY ")
         ready = json.loads(line.split(" ", 1)[1])
         assert ready["protocol"] == 1 and ready["pid"] == proc.pid and ready["port"] > 0
-        assert proc.wait(10) == 0  # dead-man switch: nobody connected
+        with socket.create_connection(("127.0.0.1", ready["port"]), timeout=30) as sock:
+            stream = sock.makefile("rwb")
+            info = _call(stream, 1, "auth", token="t", protocol=1)[0]["result"]
+            assert str(tuple(int(n) for n in info["python"].split(".")[:2])) == version
+            reply, output = _call(stream, 2, "exec", cmd="echo out; echo err >&2; exit 3")
+            assert reply["result"]["exit_code"] == 3
+            assert output == {"stdout": "out\n", "stderr": "err\n"}
+            code = "import os, sys\nprint('hi')\nworker = os.getpid()\nsys.version_info[:2]"
+            reply, output = _call(stream, 3, "python", code=code)
+            assert reply["result"] == {"value": version, "error": None}
+            assert output["stdout"] == "hi\n"
+            worker = int(_call(stream, 4, "python", code="worker")[0]["result"]["value"])
+            error = _call(stream, 5, "python", code="x = 1\nx / 0")[0]["result"]["error"]
+            assert error["type"] == "ZeroDivisionError"
+            assert 'File "<sandbox-3>", line 2' in error["traceback"]
+            stream.close()
+        assert proc.wait(10) == 0  # dead-man switch: idle after the client left
+        assert _wait_dead(worker)
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _wait_dead(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

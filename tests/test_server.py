@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import sandboxnb.server
 from sandboxnb.bundle import bundle_path
 from sandboxnb.server import wire as P
 
@@ -273,6 +274,20 @@ def test_python_namespace_persists_with_tracebacks_and_values(server):
     assert "WORKER" not in err["traceback"] and "line 25" not in err["traceback"]
     syntax = conn.call("python", code="def (:")["result"]["error"]
     assert syntax["type"] == "SyntaxError"
+
+
+def test_python_worker_is_a_real_module(server):
+    """An error raised in the worker's own code (here: repr of the result) is reported with the
+    worker's real file inside the bundle, its real line number and that line's source."""
+    worker_file = Path(sandboxnb.server.__file__).with_name("pyworker.py")
+    lines = worker_file.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if text.strip() == "return repr(value)")
+    conn = server.client()
+    code = "class Unprintable:\n    __repr__ = None\nUnprintable()"
+    err = conn.call("python", code=code)["result"]["error"]
+    assert err["type"] == "TypeError"
+    where = f'File "{bundle_path()}/sandboxnb/server/pyworker.py", line {line}, in run\n'
+    assert where + "    return repr(value)\n" in err["traceback"]
 
 
 def test_python_output_streams_while_running(server):
