@@ -391,3 +391,31 @@ def test_unix_socket(tmp_path):
         assert srv.proc.wait(5) == 0 and not sock_path.exists()
     finally:
         srv.stop()
+
+
+def test_listen_fd_serves_an_inherited_socket(tmp_path):
+    """``--listen-fd``: the launcher listens; a client may connect before the server starts."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    early = Conn(socket.create_connection(("127.0.0.1", port), timeout=10))  # queued in backlog
+    env = dict(os.environ, SANDBOXNB_TOKEN=TOKEN)
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-E", "-s", str(bundle_path()), "--workdir", str(tmp_path),
+         "--listen-fd", str(listener.fileno())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, pass_fds=[listener.fileno()],
+    )
+    listener.close()
+    try:
+        assert "result" in early.call("auth", token=TOKEN, protocol=1)
+        assert early.call("exec", cmd="echo inherited")["result"]["exit_code"] == 0
+        assert early.output() == "inherited\n"
+        ready = json.loads(proc.stdout.readline().decode().split(" ", 1)[1])
+        assert ready == {"port": port, "pid": proc.pid, "protocol": 1}
+        early.call("shutdown")
+        assert proc.wait(5) == 0
+    finally:
+        early.close()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
