@@ -22,7 +22,9 @@ One purpose per module:
 - ``pyworker``: the Python worker itself (runs in the child, holds the namespace)
 - ``log``: diagnostics on stderr
 
-Startup is kept short on purpose: only builtin modules (and ``json``, for the wire) load before
-the READY line; ``subprocess``, ``select``, ``codecs``... load on first use. This ``__init__``
-imports nothing, so ``from sandboxnb.server import wire`` stays cheap for the client.
+Startup is kept short on purpose: before the READY line only low-level modules load (``_socket``,
+``_thread``, ``os``, ``time``) and ``json`` for the wire; no ``socket``, ``threading``,
+``subprocess`` or ``argparse``. The modules behind ``exec``, ``python`` and the file methods,
+and the stdlib they need, load on first use. This ``__init__`` imports nothing, so
+``from sandboxnb.server import wire`` stays cheap for the client.
 """
