@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import io
+import marshal
 import os
+import subprocess
+import sys
 import tempfile
 import zipfile
-from importlib import _bootstrap_external
 from pathlib import Path
 
 #: File name providers give the bundle inside a sandbox.
@@ -36,14 +37,13 @@ def build_bundle() -> bytes:
     files = {"__main__.py": _MAIN.encode(), "sandboxnb/__init__.py": _INIT.encode()}
     for path in sorted(_SERVER_DIR.glob("*.py")):
         files[f"sandboxnb/server/{path.name}"] = path.read_bytes()
+    pycs = _compile({name: data for name, data in files.items() if name.startswith("sandboxnb/")})
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
             _add(zf, name, data)
-            if name.startswith("sandboxnb/"):
-                pyc = _pyc(name, data)
-                if pyc is not None:
-                    _add(zf, name + "c", pyc)
+            if name in pycs:
+                _add(zf, name + "c", pycs[name])
     return out.getvalue()
 
 
@@ -73,11 +73,31 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
-def _pyc(name: str, source: bytes) -> bytes | None:
+#: Compiles sources (a marshalled {name: bytes} on stdin) to .pyc bytes (marshalled on stdout).
+_COMPILER = """
+import importlib.util, marshal, sys
+from importlib import _bootstrap_external
+pycs = {}
+for name, source in marshal.loads(sys.stdin.buffer.read()).items():
+    code = compile(source, "<sandboxnb.server bundle>/" + name, "exec", dont_inherit=True)
+    hashed = importlib.util.source_hash(source)
+    pycs[name] = bytes(_bootstrap_external._code_to_hash_pyc(code, hashed, False))
+sys.stdout.buffer.write(marshal.dumps(pycs))
+"""
+
+
+def _compile(sources: dict[str, bytes]) -> dict[str, bytes]:
+    """.pyc bytes by name; {} if compiling fails (the bundle then runs from sources).
+
+    Compiled in a child interpreter with ``-X no_debug_ranges``: without column tables the .pyc
+    files are half the size, which keeps the bundle small enough for providers that pass it on
+    a command line. Only carets in tracebacks through server code are lost.
+    """
     try:
-        code = compile(source, f"<sandboxnb.server bundle>/{name}", "exec", dont_inherit=True)
-        return bytes(
-            _bootstrap_external._code_to_hash_pyc(code, importlib.util.source_hash(source), False)
+        done = subprocess.run(
+            [sys.executable, "-X", "no_debug_ranges", "-S", "-E", "-s", "-c", _COMPILER],
+            input=marshal.dumps(sources), capture_output=True, check=True, timeout=60,
         )
-    except Exception:
-        return None
+        return marshal.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError, EOFError, TypeError):
+        return {}

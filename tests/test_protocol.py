@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,13 @@ def test_bundle_is_deterministic_and_holds_every_server_module():
     path = bundle_path()
     assert "sandboxnb.server" in path.name and path.read_bytes() == data
     assert BUNDLE_NAME.startswith("sandboxnb.server")
+
+
+def test_bundle_fits_on_a_command_line():
+    """Modal starts the server with the bundle zlib-compressed and base64-encoded in its
+    command, and caps a command at 64 KiB: the bundle must leave room for the rest of it."""
+    blob = base64.b64encode(zlib.compress(bundle_bytes(), 9))
+    assert len(blob) < 63 * 1024, f"{len(blob)} bytes: the server bundle outgrew Modal's limit"
 
 
 def _oldest_python() -> str | None:
