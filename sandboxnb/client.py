@@ -15,6 +15,7 @@ so the remote work is killed too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -105,10 +106,15 @@ def _parse_url(url: str) -> tuple[str, str, int | None]:
 
 
 def _tls_context() -> Any:
+    """The client's TLS context, built once per CA file (loading trust stores costs ~20 ms)."""
+    return _tls_context_for(os.environ.get(TLS_CA_ENV) or None)
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context_for(ca_file: str | None) -> Any:
     import ssl
 
     context = ssl.create_default_context()
-    ca_file = os.environ.get(TLS_CA_ENV)
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
     return context
