@@ -15,6 +15,7 @@ so the remote work is killed too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -106,12 +107,19 @@ def _parse_url(url: str) -> tuple[str, str, int | None]:
 
 
 def _tls_context() -> Any:
-    """The client's TLS context, built once per CA file (loading trust stores costs ~20 ms)."""
-    return _tls_context_for(os.environ.get(TLS_CA_ENV) or None)
+    """The client's TLS context, built once per CA file version (loading trust stores costs
+    ~20 ms a time)."""
+    ca_file = os.environ.get(TLS_CA_ENV) or None
+    version = None
+    if ca_file:
+        with contextlib.suppress(OSError):
+            stat = os.stat(ca_file)
+            version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return _tls_context_for(ca_file, version)
 
 
-@functools.lru_cache(maxsize=4)
-def _tls_context_for(ca_file: str | None) -> Any:
+@functools.lru_cache(maxsize=8)
+def _tls_context_for(ca_file: str | None, version: object) -> Any:
     import ssl
 
     context = ssl.create_default_context()
