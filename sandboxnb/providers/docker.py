@@ -12,32 +12,33 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
-import io
 import os
-import tarfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from sandboxnb.bundle import bundle_bytes
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.errors import ConfigError, ProviderError, UnsupportedFieldError
 from sandboxnb.providers.base import LABEL, Availability, Found, LaunchSpec, Provider
-from sandboxnb.providers.spec import SERVER_BUNDLE_NAME
+from sandboxnb.providers.docker_engine import (
+    DEFAULT_IMAGE,
+    SERVER,
+    SETUP_HINT,
+    Container,
+    close_socket,
+    engine_availability,
+    launch_error,
+    remove_container,
+    server_archive,
+    watch_output,
+)
 
 __all__ = ["BUSYBOX_IMAGE", "DEFAULT_IMAGE", "LABEL", "DockerProvider"]
 
-#: Built locally by ``scripts/setup-docker`` (debootstrap bookworm minbase + python3).
-DEFAULT_IMAGE = os.environ.get("SANDBOXNB_DOCKER_IMAGE", "sandboxnb/python:3.11")
 #: A python-less image built by ``scripts/setup-docker`` (for negative checks).
 BUSYBOX_IMAGE = os.environ.get("SANDBOXNB_BUSYBOX_IMAGE", "sandboxnb/busybox:latest")
-SETUP_HINT = "run `sudo bash scripts/setup-docker`"
 PORT = 7000  # the server's port inside every container
-SERVER = f"/opt/sandboxnb/{SERVER_BUNDLE_NAME}"
 _T = TypeVar("_T")
 
 
@@ -56,20 +57,6 @@ def _gpu_count(config: RuntimeConfig) -> int | None:
         message=f"docker does not support resources.gpu.type (got {gpu.type!r} in gpu="
         f"{str(gpu)!r}): Docker selects GPUs by count only; accepted: a count such as gpu='2' "
         f"or gpu='any:{gpu.count}' (use a cloud provider to pick a GPU model)")
-
-
-@dataclass
-class Container:
-    """One sandbox container; a thread keeps the end of its output, then its exit code."""
-
-    sandbox_id: str
-    cid: str
-    image: str = ""
-    host_port: int | None = None
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
-    exit_code: int | None = None
-    destroyed: bool = False
-    ended: threading.Event = field(default_factory=threading.Event)  # output over, code known
 
 
 class DockerProvider(Provider):
@@ -168,17 +155,18 @@ class DockerProvider(Provider):
             except docker.errors.ImageNotFound:
                 self._pull(kwargs["image"])
                 made = client.containers.create(**kwargs)
-            made.put_archive("/", _server_archive())
+            made.put_archive("/", server_archive())
             sock = client.api.attach_socket(made.id, params={"stdout": 1, "stderr": 1,
                                                              "stream": 1, "logs": 1})
             box, started = Container(spec.sandbox_id, made.id, kwargs["image"]), time.time()
             made.start()
         except BaseException as err:
-            _close(sock)
+            close_socket(sock)
             if isinstance(err, docker.errors.APIError):
-                raise _launch_error(kwargs["image"], err) from None
+                raise launch_error(kwargs["image"], err) from None
             raise
-        threading.Thread(target=self._watch, args=(box, sock, started), daemon=True).start()
+        threading.Thread(target=watch_output, args=(client, box, sock, started),
+                         daemon=True).start()
         return box
 
     def _pull(self, image: str) -> None:  # the engine merges concurrent pulls of one image
@@ -222,13 +210,18 @@ class DockerProvider(Provider):
 
     async def destroy(self, box: Container) -> None:
         box.destroyed = True  # its watcher need not ask why it stopped
-        await self._call(self._remove, box.cid)
+        await self._call(remove_container, self._docker(), box.cid)
 
     async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
         found = await self._call(lambda: self._docker().api.containers(all=True, filters=filters))
         return [Found(sid, Container(sid, c["Id"]), c["Labels"]) for c in found
                 for sid in [c["Labels"].get(f"{LABEL}.sandbox_id", c["Id"])]]
+
+    @classmethod
+    def availability(cls) -> Availability:
+        """Available when the SDK imports, the engine answers and the default image exists."""
+        return engine_availability()
 
     async def aclose(self) -> None:
         await super().aclose()
@@ -240,25 +233,6 @@ class DockerProvider(Provider):
             pool.shutdown(wait=False)
 
     # -- engine calls, in worker threads ------------------------------------------------------
-    def _watch(self, box: Container, sock: Any, started: float) -> None:
-        """Keep the end of the container's output until it stops, then its exit code (from its
-        ``die`` event: ``--rm`` may have removed it already; the event follows closely)."""
-        from docker.utils.socket import frames_iter
-
-        with contextlib.suppress(Exception):
-            for _stream, data in frames_iter(sock, tty=False):
-                box.tail.extend(data.decode(errors="replace").splitlines())
-        _close(sock)
-        deadline = time.time() + 2.0
-        while not box.destroyed and box.exit_code is None and time.time() < deadline:
-            with contextlib.suppress(Exception):
-                for event in self._docker().api.events(
-                        since=started - 1, until=time.time(), decode=True,
-                        filters={"container": box.cid, "event": "die"}):
-                    box.exit_code = int(event["Actor"]["Attributes"]["exitCode"])
-            time.sleep(0.05)
-        box.ended.set()  # a code still None: unknown
-
     def _ports(self, cid: str) -> dict[str, Any]:
         import docker.errors
 
@@ -266,61 +240,3 @@ class DockerProvider(Provider):
             return self._docker().api.inspect_container(cid)["NetworkSettings"]["Ports"] or {}
         return {}
 
-    def _remove(self, cid: str) -> None:
-        """``docker rm -f`` that tolerates a container already gone or being auto-removed."""
-        import docker.errors
-
-        try:
-            self._docker().api.remove_container(cid, force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as err:
-            if "already in progress" not in str(err):
-                raise
-            with contextlib.suppress(Exception):  # the engine is removing it: wait until gone
-                self._docker().api.wait(cid, timeout=30, condition="removed")
-
-    @classmethod
-    def availability(cls) -> Availability:
-        """Available when the SDK imports, the engine answers and the default image exists."""
-        try:
-            import docker
-        except ImportError:
-            return Availability(False, "the docker SDK is missing: pip install 'sandboxnb[docker]'")
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        try:
-            with contextlib.closing(docker.from_env(timeout=5)) as client:
-                if not client.images.list(name=DEFAULT_IMAGE):
-                    return Availability(False, f"the default image {DEFAULT_IMAGE} is missing; "
-                                               f"{SETUP_HINT} to build it")
-        except Exception as err:
-            return Availability(False, f"no Docker engine answers at {where} ({err}); {SETUP_HINT}")
-        return Availability(True, f"engine at {where}, image {DEFAULT_IMAGE}")
-
-
-@functools.cache
-def _server_archive() -> bytes:
-    """A tar holding the server zipapp, for ``put_archive`` into ``/`` (the engine makes dirs)."""
-    data, buf, info = bundle_bytes(), io.BytesIO(), tarfile.TarInfo(SERVER.lstrip("/"))
-    info.size, info.mode, info.mtime = len(data), 0o644, time.time()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _close(sock: Any) -> None:
-    for closer in (getattr(sock, "_sock", None), sock, getattr(sock, "_response", None)):
-        with contextlib.suppress(Exception):  # None, or already closed
-            closer.close()
-
-
-def _launch_error(image: str, err: Any) -> ProviderError:
-    text = str(getattr(err, "explanation", None) or err)
-    if "executable file not found" in text or "no such file or directory" in text:
-        return ProviderError(f"docker: image {image!r} has no python3 (the sandbox server needs "
-                             f"python3 >= 3.9 on PATH in the image); engine said: {text}")
-    if "could not select device driver" in text:
-        return ProviderError(f"docker: resources.gpu asks for GPUs but this engine has no GPU "
-                             f"device driver (install the NVIDIA Container Toolkit, or drop "
-                             f"gpu); engine said: {text}")
-    return ProviderError(f"docker: could not start a container from {image!r}: {text}")
