@@ -74,9 +74,34 @@ def test_stop_all_and_default_names(ip):
 
 def test_config_defaults_apply(ip):
     ip.run_line_magic("config", "SandboxMagics.default_cpu = 0.5")
-    ip.run_line_magic("sandbox", "launch --name cfg")
+    ip.run_line_magic("config", "SandboxMagics.default_run_timeout_s = 600.0")
+    ip.run_line_magic("sandbox", "launch --name cfg --startup-timeout 30")
     (row,) = ip.run_line_magic("sandbox", "ls").rows
-    assert "cpu=0.5" in row["config"]
+    assert "cpu=0.5" in row["config"] and "run_timeout_s=600.0" in row["config"]
+    assert "startup_timeout_s=30.0" in row["config"]
+    config = ip.user_ns["cfg"].config
+    assert config.limits.run_timeout_s == 600 and config.limits.startup_timeout_s == 30
+    # a flag overrides a setting; none clears it (no limit)
+    ip.run_line_magic("sandbox", "launch --name nolimit --run-timeout none --cpu 1")
+    config = ip.user_ns["nolimit"].config
+    assert config.limits.run_timeout_s is None and config.resources.cpu == 1
+
+
+def test_run_timeout_flag_sets_the_sandbox_lifetime(ip):
+    from sandboxnb.tasks import Task, Taskset
+
+    ip.user_ns["one_task"] = Taskset([Task(id="t1", grader={"type": "match", "expected": "5.0"})],
+                                     name="one")
+
+    async def spy(sandbox, task):
+        return str(sandbox.config.limits.run_timeout_s)
+
+    ip.user_ns["spy"] = spy
+    ip.run_line_magic("sandbox", "run one_task --agent spy --run-timeout 5 -o df")
+    run = ip.user_ns["_sandbox_run"]
+    assert run.status == "done"
+    (row,) = run.rows
+    assert row["status"] == "ok" and row["answer"] == "5.0" and row["reward"] == 1.0
 
 
 def test_providers_table(ip):
@@ -98,7 +123,10 @@ def test_providers_table(ip):
         ("bogus", "invalid choice"),
         ("launch nosuch", "not a known provider"),
         ("launch local --cpu -1", "resources.cpu"),
-        ("launch local --cpu abc", "invalid float value"),
+        ("launch local --cpu abc", r"argument --cpu: resources.cpu = 'abc': expected a number"),
+        ("launch local --disk-mb 512", "local does not support resources.disk_mb"),
+        ("launch local --run-timeout 0", "limits.run_timeout_s"),
+        ("launch local --timeout 5", "ambiguous and no longer accepted: use --run-timeout"),
         ("launch local --memory-mb 0", "resources.memory_mb"),
         ("launch local --gpu A10G:2", "local does not support resources.gpu"),
         ("launch local --gpu ':x'", "GPU spec"),
@@ -111,6 +139,8 @@ def test_providers_table(ip):
         ("run nosuch.txt --agent oracle", "taskset"),
         ("run humaneval --agent oracle --max-concurrent 0", "--max-concurrent"),
         ("run humaneval --agent oracle --runtime nosuch", "not a known provider"),
+        ("run humaneval --agent oracle --rollout-timeout 0", "--rollout-timeout"),
+        ("run humaneval --agent oracle --disk-mb 512", "local does not support resources.disk_mb"),
         ("run humaneval --agent nosuch:thing", "agent"),
     ],
 )

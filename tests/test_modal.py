@@ -96,7 +96,7 @@ async def test_launch_exec_files_python(emu, provider):
 
 async def test_resource_mapping_reaches_the_control_plane(emu, provider):
     config = config_from_flat(
-        cpu=2, memory_mb=1536, gpu="A10G:2", timeout=120, idle_timeout_s=90,
+        cpu=2, memory_mb=1536, gpu="A10G:2", run_timeout_s=120, idle_timeout_s=90,
         startup_timeout_s=30,
     )
     async with provider.sandbox(config) as endpoint:
@@ -137,7 +137,7 @@ async def test_cpu_only_sandbox_uses_v2_and_defaults(emu, provider):
         ({"disk_mb": 2048}, "resources.disk_mb"),
         ({"gpu": "TPU9000"}, "resources.gpu.type"),
         ({"gpu": "H100:16"}, "resources.gpu.count"),
-        ({"timeout": 100_000}, "limits.run_timeout_s"),
+        ({"run_timeout_s": 100_000}, "limits.run_timeout_s"),
     ],
 )
 async def test_unsupported_fields_rejected_before_any_create(emu, provider, flat, field):
@@ -309,7 +309,8 @@ def _gc(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_run_timeout_ends_the_sandbox(emu, provider):
-    async with provider.sandbox(config_from_flat(timeout=1, startup_timeout_s=20)) as endpoint:
+    config = config_from_flat(run_timeout_s=1, startup_timeout_s=20)
+    async with provider.sandbox(config) as endpoint:
         rec = record(emu, endpoint.sandbox_id)
         assert rec.timeout == 21
         await wait_for(lambda: not emu.live_sandboxes(), within=10)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import sandboxnb.notebook as nb
+from sandboxnb.errors import ConfigError
 from sandboxnb.notebook import loop, sandboxes
 from sandboxnb.notebook.form import LauncherController
 from sandboxnb.notebook.widgets import Launcher, Monitor
@@ -80,18 +81,18 @@ def test_provider_dropdown_marks_unavailable_ones():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("cpu", -1.0, "resources.cpu"),
-        ("memory_mb", 0, "resources.memory_mb"),
-        ("gpu_type", "A10G", "local does not support resources.gpu"),
-        ("gpu_count", 0, "GPU count"),
-        ("timeout", -5.0, "limits.run_timeout_s"),
+        ("cpu", "-1", "resources.cpu"),
+        ("cpu", "abc", "resources.cpu = &#x27;abc&#x27;: expected a number &gt; 0"),
+        ("memory_mb", "0", "resources.memory_mb"),
+        ("disk_mb", "1024", "local does not support resources.disk_mb"),
+        ("gpu", "A10G", "local does not support resources.gpu"),
+        ("gpu", "A10G:0", "resources.gpu.count"),
+        ("run_timeout_s", "-5", "limits.run_timeout_s"),
     ],
 )
 def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     ui = nb.launcher(provider="local")
-    if field == "gpu_count":
-        ui.gpu_type.value = "A10G"
-    getattr(ui, field).value = value
+    ui.fields[field].value = value
     ui.launch_button.click()
     assert message in ui.errors[field].value
     assert "nothing was started" in ui.status.value
@@ -99,18 +100,29 @@ def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     time.sleep(0.2)
     assert live_sandbox_servers() == set()
     # fixing the field clears the message on the next click (and launches)
-    fixed = {"cpu": 1.0, "memory_mb": 256, "gpu_type": "", "gpu_count": 1, "timeout": 0.0}
-    getattr(ui, field).value = fixed[field]
-    if field == "gpu_count":
-        ui.gpu_type.value = ""
+    ui.fields[field].value = {"cpu": "1", "memory_mb": "256"}.get(field, "")
     ui.launch_button.click()
     assert ui.errors[field].value == ""
     _wait(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], what="launch")
 
 
+def test_form_fields_take_defaults_and_none():
+    ui = nb.launcher(provider="local", memory_mb=256, run_timeout_s=600.0)
+    assert ui.fields["memory_mb"].value == "256" and ui.fields["run_timeout_s"].value == "600"
+    assert ui.fields["cpu"].value == "" and "default" in ui.fields["cpu"].placeholder
+    assert "60" in ui.fields["startup_timeout_s"].placeholder
+    ui.fields["startup_timeout_s"].value = "none"
+    config = ui.controller.config(ui.values())
+    assert config.resources.memory_mb == 256 and config.limits.run_timeout_s == 600
+    assert config.limits.startup_timeout_s is None and config.limits.idle_timeout_s == 300
+    with pytest.raises(ConfigError, match="not a launcher field; accepted: provider, image"):
+        nb.launcher(timeout=5)
+    ui.close()
+
+
 def test_launch_and_stop_buttons_drive_real_sandboxes():
     ui = nb.launcher(provider="local")
-    ui.memory_mb.value = 256
+    ui.fields["memory_mb"].value = "256"
     ui.launch_button.click()
     ui.launch_button.click()
     _wait(lambda: len(_rows(ui)) == 2 and all("running" in _row_text(r) for r in _rows(ui)),

@@ -170,7 +170,9 @@ class Launcher(w.VBox):
         return row
 
     def close(self) -> None:
-        self._unsubscribe()
+        unsubscribe = getattr(self, "_unsubscribe", None)  # None: refused in __init__
+        if unsubscribe is not None:
+            unsubscribe()
         super().close()
 
 
