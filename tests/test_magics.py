@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.magics import RemoteCellError, RemoteValue
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable
 from sandboxnb.notebook.sandboxes import manager
-from tests.conftest import live_sandbox_servers
+from tests.helpers import live_sandbox_servers, processes_with, wait_until
 
 
 @pytest.fixture
@@ -27,19 +28,6 @@ def ip():
     finally:
         shell.run_line_magic("unload_ext", "sandboxnb")
         shell.config.pop("SandboxMagics", None)
-
-
-def _procs_with(text: str) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if text.encode() in fh.read().replace(b"\0", b" "):
-                        found.add(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def test_launch_ls_stop(ip):
@@ -203,10 +191,7 @@ def test_one_shot_cells_leave_nothing(ip, capsys):
     ip.run_cell_magic("sandbox", "local --bash --cpu 1", "echo one-shot")
     assert "one-shot" in capsys.readouterr().out
     assert repr(ip.run_cell_magic("sandbox", "", "6 * 7")) == "42"
-    deadline = time.monotonic() + 5
-    while live_sandbox_servers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_sandbox_servers() == set()
+    wait_until(lambda: not live_sandbox_servers(), 5, "the one-shot sandboxes' servers to exit")
     assert manager().records() == []
 
 
@@ -216,9 +201,8 @@ def test_interrupt_cancels_remote_work(ip):
     main = threading.get_ident()
 
     def interrupt() -> None:
-        deadline = time.monotonic() + 20
-        while not _procs_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # interrupt anyway; the test then fails
+            wait_until(lambda: processes_with(marker), 20, f"{marker!r} to run")
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
@@ -226,10 +210,8 @@ def test_interrupt_cancels_remote_work(ip):
     with pytest.raises(KeyboardInterrupt):
         ip.run_cell_magic("sandbox", "slow --bash", marker)
     assert time.monotonic() - began < 15
-    deadline = time.monotonic() + 5
-    while _procs_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _procs_with(marker), "the remote process survived the interrupt"
+    wait_until(lambda: not processes_with(marker), 5,
+               "the remote process to end (it must not survive the interrupt)")
     # the sandbox is still usable afterwards
     assert repr(ip.run_cell_magic("sandbox", "slow", "1 + 1")) == "2"
 
@@ -249,10 +231,7 @@ def test_unload_releases_every_sandbox():
     shell.run_line_magic("sandbox", "launch --name b")
     assert len(live_sandbox_servers()) >= 2
     shell.run_line_magic("unload_ext", "sandboxnb")
-    deadline = time.monotonic() + 5
-    while live_sandbox_servers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_sandbox_servers() == set()
+    wait_until(lambda: not live_sandbox_servers(), 5, "every sandbox server to exit at unload")
     assert "a" not in shell.user_ns and "b" not in shell.user_ns
     assert "sandbox" not in shell.magics_manager.magics["line"]
     assert "sandbox" not in shell.magics_manager.magics["cell"]
