@@ -23,7 +23,7 @@ from sandboxnb.providers.daytona import SESSION, DaytonaProvider
 from sandboxnb.testing.daytona_emulator import SDK_VERSION, DaytonaEmulator
 from sandboxnb.testing.isolation import namespaces_available
 
-from .helpers import cmdline, processes_with
+from .helpers import cmdline, processes_with, wait_until_async
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,7 +305,8 @@ async def test_run_timeout_deletes_a_held_sandbox(emu):
             assert (await sb.exec("true")).ok
             with pytest.raises((ConnectionLost, SandboxError)):
                 await sb.exec(["sleep", "60"])
-            await _until(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [])
+            await wait_until_async(lambda: not emu.sandboxes and not emu.live_sandboxes(), 10,
+                                   "the emulator to hold no sandbox")
         (record,) = emu.deleted
         refreshes = record.activity_refreshes
         assert refreshes >= 1
@@ -322,14 +323,8 @@ async def test_startup_timeout_is_the_policy_and_leaves_nothing(emu, provider):
         async with provider.sandbox(config):
             pytest.fail("the sandbox cannot be ready in time")
     # the interrupted create lands, then is deleted
-    await _until(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [])
-
-
-async def _until(predicate, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "not within the deadline"
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [], 10,
+                           "the emulator to hold no sandbox")
 
 
 class emu_sandbox_without_python:
