@@ -1,4 +1,8 @@
-"""Command line: ``sandboxnb run``, ``providers`` and ``gc``, thin over the Python API."""
+"""Command line: ``sandboxnb run``, ``providers`` and ``gc``, thin over the Python API.
+
+The runtime options of ``sandboxnb run`` (``--cpu``, ``--run-timeout``, ...) come from
+:mod:`sandboxnb.options`, the table the magics and the launcher widget use too.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from sandboxnb import options
+from sandboxnb.errors import ConfigError
+
 __all__ = ["main"]
-
-
-class UsageError(Exception):
-    """Bad command-line input; printed without a traceback, exit status 2."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -25,13 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agent", required=True, help="'oracle', 'samples:PATH' or 'module:function'")
     run.add_argument("--tasks", help="only task ids matching these globs (comma-separated)")
     run.add_argument("--runtime", default="local", help="provider name (default: local)")
-    run.add_argument("--image", help="sandbox image (docker, modal, daytona)")
-    run.add_argument("--cpu", type=float, help="CPU cores per sandbox")
-    run.add_argument("--memory-mb", type=int, help="memory limit per sandbox in MiB")
-    run.add_argument("--gpu", help="GPU spec, e.g. H100 or A10G:2")
     run.add_argument("--max-concurrent", type=int, default=8, help="sandboxes at once (default 8)")
     run.add_argument("--repeats", type=int, default=1, help="rollouts per task (default 1)")
-    run.add_argument("--timeout", type=float, help="per-rollout deadline in seconds")
+    options.add_rollout_timeout(run)
     run.add_argument(
         "--journal",
         default="auto",
@@ -40,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an existing journal")
     run.add_argument("--output", "-o", help="write all rows to .jsonl, .csv or .parquet")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    options.add_runtime_arguments(run)
 
     sub.add_parser("providers", help="list providers: installed, configured, what each supports")
 
@@ -71,10 +71,10 @@ async def _gc_command(args: argparse.Namespace) -> int:
     names = args.runtime or [name for name, row in rows.items() if row["available"]]
     for name in names:
         if name not in rows:
-            raise UsageError(f"--runtime {name!r}: not a known provider; accepted: "
-                             f"{', '.join(rows)}")
+            raise ConfigError(f"--runtime {name!r}: not a known provider; accepted: "
+                              f"{', '.join(rows)}")
         if not rows[name]["available"]:
-            raise UsageError(f"--runtime {name!r} is unavailable: {rows[name]['reason']}")
+            raise ConfigError(f"--runtime {name!r} is unavailable: {rows[name]['reason']}")
     found_any = False
     for name in names:
         provider = get_provider(name)
@@ -91,16 +91,10 @@ async def _gc_command(args: argparse.Namespace) -> int:
 
 
 async def _run_command(args: argparse.Namespace) -> int:
-    from sandboxnb.config import config_from_flat
     from sandboxnb.scheduler import run
     from sandboxnb.tasks import Taskset
 
-    config = config_from_flat(
-        image=args.image,
-        cpu=args.cpu,
-        memory_mb=args.memory_mb,
-        gpu=args.gpu,
-    )
+    config = options.config_from_options(options.given(args))
     if args.output:
         _check_output(args.output)
     taskset = Taskset.load(args.taskset)
@@ -113,7 +107,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         config=config,
         max_concurrent=args.max_concurrent,
         repeats=args.repeats,
-        timeout_s=args.timeout,
+        timeout_s=args.rollout_timeout_s,
         journal=args.journal,
         resume=args.resume,
         progress=not args.no_progress,
@@ -130,7 +124,7 @@ async def _run_command(args: argparse.Namespace) -> int:
 def _check_output(path: str) -> None:
     suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
     if suffix not in ("jsonl", "csv", "parquet"):
-        raise UsageError(
+        raise ConfigError(
             f"--output {path!r}: unsupported extension {('.' + suffix) if suffix else '(none)'}; "
             "use .jsonl, .csv or .parquet"
         )
@@ -143,14 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_providers_table())
         return 0
     from sandboxnb.agents import AgentError
-    from sandboxnb.config import ConfigError
     from sandboxnb.tasks import TaskError
 
     command = _gc_command if args.command == "gc" else _run_command
     try:
         return asyncio.run(command(args))
     except (
-        UsageError,
         ConfigError,
         TaskError,
         AgentError,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sandboxnb.errors import ConfigError, UnsupportedFieldError
 
 __all__ = [
+    "FLAT_FIELDS",
     "GPU",
     "ConfigError",
     "Limits",
@@ -26,6 +27,7 @@ __all__ = [
     "check_supported",
     "config_from_flat",
     "merge_config",
+    "overrides_from_flat",
 ]
 
 _GPU_SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.\-]*)\s*(?::\s*(\d+))?\s*$")
@@ -47,7 +49,7 @@ class GPU(_Model):
         if isinstance(value, str):
             match = _GPU_SPEC.match(value)
             if not match:
-                raise ValueError(
+                raise ConfigError(
                     f"GPU spec {value!r} is not of the form 'TYPE' or 'TYPE:COUNT' "
                     "(e.g. 'H100', 'A10G:2')"
                 )
@@ -64,23 +66,30 @@ class Resources(_Model):
     cpu: float | None = Field(None, gt=0, description="CPU cores (fractions allowed)")
     memory_mb: int | None = Field(None, gt=0, description="memory limit in MiB")
     disk_mb: int | None = Field(None, gt=0, description="disk size in MiB")
-    gpu: GPU | None = None
+    gpu: GPU | None = Field(None, description="GPU: TYPE or TYPE:COUNT, e.g. H100 or A10G:2")
 
 
 class Limits(_Model):
     """Time limits, in seconds. ``None`` means no limit (or the provider's default)."""
 
-    startup_timeout_s: float | None = Field(60.0, gt=0, description="acquire-to-ready deadline")
-    run_timeout_s: float | None = Field(None, gt=0, description="sandbox lifetime cap")
+    startup_timeout_s: float | None = Field(
+        60.0, gt=0, description="acquire-to-ready deadline in seconds"
+    )
+    run_timeout_s: float | None = Field(
+        None, gt=0, description="sandbox lifetime cap in seconds: the sandbox is ended then"
+    )
     idle_timeout_s: float | None = Field(
-        300.0, gt=0, description="the server exits when no client has been connected this long"
+        300.0, gt=0,
+        description="seconds without a connected client after which the sandbox server exits",
     )
 
 
 class RuntimeConfig(_Model):
     """Everything that decides what sandbox a rollout gets."""
 
-    image: str | None = Field(None, min_length=1)
+    image: str | None = Field(
+        None, min_length=1, description="image the sandbox runs (providers that run images)"
+    )
     resources: Resources = Resources()
     limits: Limits = Limits()
 
@@ -169,38 +178,62 @@ def merge_config(
     return _validate(_deep_merge(base.model_dump(), overrides))
 
 
-_FLAT_FIELDS = {
-    "image": ("image",),
-    "cpu": ("resources", "cpu"),
-    "memory_mb": ("resources", "memory_mb"),
-    "disk_mb": ("resources", "disk_mb"),
-    "gpu": ("resources", "gpu"),
-    "startup_timeout_s": ("limits", "startup_timeout_s"),
-    "run_timeout_s": ("limits", "run_timeout_s"),
-    "timeout": ("limits", "run_timeout_s"),
-    "idle_timeout_s": ("limits", "idle_timeout_s"),
-}
+def _leaf_fields(
+    model: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> dict[str, tuple[str, ...]]:
+    """Leaf field name -> its path, walking nested groups (a GPU is one value, not a group)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            leaves = _leaf_fields(kind, (*prefix, name))
+        else:
+            leaves = {name: (*prefix, name)}
+        for leaf, path in leaves.items():
+            if leaf in found:  # flat names (CLI flags, keywords) must stay unambiguous
+                raise ConfigError(f"RuntimeConfig leaf field {leaf!r} is not unique")
+            found[leaf] = path
+    return found
 
 
-def config_from_flat(base: RuntimeConfig | None = None, **flat: Any) -> RuntimeConfig:
-    """Build a config from flat keywords (``cpu=2, memory_mb=512, gpu="A10G:2", timeout=600``).
+#: Flat runtime option name (a leaf field's own name) -> its path in :class:`RuntimeConfig`,
+#: derived from the models: ``{"cpu": ("resources", "cpu"), "run_timeout_s": ("limits", ...)}``.
+FLAT_FIELDS: dict[str, tuple[str, ...]] = _leaf_fields(RuntimeConfig)
 
-    Keywords whose value is ``None`` are ignored (left to ``base``), so CLI options map directly.
-    """
+
+def _flat_path(key: str, value: Any) -> tuple[str, ...]:
+    if key not in FLAT_FIELDS:
+        raise ConfigError(
+            f"unknown runtime option {key}={value!r}; accepted: {', '.join(FLAT_FIELDS)}"
+        )
+    return FLAT_FIELDS[key]
+
+
+def overrides_from_flat(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nest flat options (``{"cpu": 2, "run_timeout_s": None}``) into config overrides; every key
+    is kept, so ``None`` clears its field when merged (see :func:`merge_config`)."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
-        if key not in _FLAT_FIELDS:
-            raise ConfigError(
-                f"unknown runtime option {key}={value!r}; accepted: {', '.join(_FLAT_FIELDS)}"
-            )
-        if value is None:
-            continue
-        *parents, leaf = _FLAT_FIELDS[key]
+        *parents, leaf = _flat_path(key, value)
         target = nested
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = value
-    return merge_config(base, nested)
+    return nested
+
+
+def config_from_flat(base: RuntimeConfig | None = None, **flat: Any) -> RuntimeConfig:
+    """Build a config from flat keywords (``cpu=2, memory_mb=512, gpu="A10G:2",
+    run_timeout_s=600``), one per leaf field of :class:`RuntimeConfig` (see :data:`FLAT_FIELDS`).
+
+    Keywords whose value is ``None`` are ignored (left to ``base``); to clear a field, merge
+    :func:`overrides_from_flat` or use :func:`sandboxnb.options.config_from_options`.
+    """
+    for key, value in flat.items():
+        _flat_path(key, value)
+    return merge_config(
+        base, overrides_from_flat({k: v for k, v in flat.items() if v is not None})
+    )
 
 
 def check_supported(provider: str, supported: Iterable[str], config: RuntimeConfig) -> None:

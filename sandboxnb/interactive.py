@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from sandboxnb.config import _FLAT_FIELDS, RuntimeConfig, config_from_flat
+from sandboxnb.config import FLAT_FIELDS, RuntimeConfig, config_from_flat
+from sandboxnb.errors import ConfigError
 from sandboxnb.providers import Provider, get_provider
 
 if TYPE_CHECKING:
@@ -22,14 +23,14 @@ def resolve_launch(
     **options: Any,
 ) -> tuple[Provider, RuntimeConfig]:
     """Split ``options`` into config fields and provider options; validate both, start nothing."""
-    flat = {k: v for k, v in options.items() if k in _FLAT_FIELDS}
-    provider_options = {k: v for k, v in options.items() if k not in _FLAT_FIELDS}
+    flat = {k: v for k, v in options.items() if k in FLAT_FIELDS}
+    provider_options = {k: v for k, v in options.items() if k not in FLAT_FIELDS}
     try:
         provider = get_provider(runtime, **provider_options)
     except TypeError as err:
-        raise TypeError(
+        raise ConfigError(
             f"{runtime!r} does not accept option(s) {', '.join(provider_options)}: {err}; "
-            f"runtime options are {', '.join(_FLAT_FIELDS)}"
+            f"runtime options are {', '.join(FLAT_FIELDS)}"
         ) from None
     return provider, provider.check(config_from_flat(config, **flat))
 
@@ -43,9 +44,10 @@ async def launch(
 ) -> AsyncIterator[Sandbox]:
     """Start a fresh sandbox and yield a connected :class:`~sandboxnb.client.Sandbox`.
 
-    ``options`` are runtime fields (``image``, ``cpu``, ``memory_mb``, ``disk_mb``, ``gpu``,
-    ``timeout``, ``startup_timeout_s``, ``idle_timeout_s``) or provider options. The sandbox is
-    released when the block exits, however it exits.
+    ``options`` are runtime options (``image``, ``cpu``, ``memory_mb``, ``disk_mb``, ``gpu``,
+    ``startup_timeout_s``, ``run_timeout_s``, ``idle_timeout_s``: see
+    :data:`sandboxnb.config.FLAT_FIELDS`) or provider options. The sandbox is released when the
+    block exits, however it exits.
     """
     provider, effective = resolve_launch(runtime, config=config, **options)
     try:

@@ -1,4 +1,7 @@
-"""Suite-wide guards: every test must leave no sandbox process or container behind."""
+"""Suite-wide guards: every test must leave no sandbox process or container behind.
+
+The helpers the tests share (process trees and liveness, polling) are in :mod:`tests.helpers`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import ctypes
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
-SERVER_MARKERS = ("sandboxnb.server", "sandboxnb/server")
+from tests.helpers import alive, sandbox_server_pids, wait_until
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -25,49 +28,6 @@ def _become_subreaper() -> None:
 
 
 _become_subreaper()
-
-
-def descendants(root: int) -> set[int]:
-    """Pids of every process below ``root`` (by parent links in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, stack = set(), [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def sandbox_server_pids() -> set[int]:
-    """Pids of sandboxnb servers (local, emulated or shipped) started by this test process."""
-    pids = set()
-    for pid in descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(marker in cmdline for marker in SERVER_MARKERS) and "pytest" not in cmdline:
-            pids.add(pid)
-    return pids
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def sandbox_containers() -> set[str]:
@@ -87,20 +47,6 @@ def sandbox_containers() -> set[str]:
     return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not reaped, counts as gone)."""
-    return os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)
-
-
-def _alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if pid_alive(pid)}
-
-
-def live_sandbox_servers() -> set[int]:
-    """Sandbox servers started by this test process that are still running (not zombies)."""
-    return _alive(sandbox_server_pids())
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_sandboxes(request):
     """Fail the test if it leaves a sandbox server process or a labelled container running."""
@@ -108,15 +54,19 @@ def no_leaked_sandboxes(request):
     before = sandbox_server_pids()
     containers_before = sandbox_containers() if check_docker else set()
     yield
-    deadline = time.monotonic() + 5.0
-    while True:
-        leaked = _alive(sandbox_server_pids() - before)
-        leaked_containers = (sandbox_containers() - containers_before) if check_docker else set()
-        if not leaked and not leaked_containers:
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+
+    def leaks() -> tuple[set[int], set[str]]:
+        containers = (sandbox_containers() - containers_before) if check_docker else set()
+        return alive(sandbox_server_pids() - before), containers
+
+    try:
+        wait_until(lambda: not any(leaks()), 5.0, "sandbox servers and containers to be gone",
+                   interval=0.1)
+        return
+    except AssertionError:
+        leaked, leaked_containers = leaks()
+    if not leaked and not leaked_containers:  # gone just now
+        return
     for pid in leaked:
         try:
             os.kill(pid, 9)

@@ -15,9 +15,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import _alive, descendants, sandbox_server_pids
+from tests.helpers import alive, descendants, sandbox_server_pids, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,44 +37,37 @@ def _free_port() -> int:
 
 def _reap_browser_children() -> None:
     """Kill and reap chromium processes orphaned to us (we are their subreaper)."""
-    me = os.getpid()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def none_left() -> bool:
         left = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    comm, rest = fh.read().split(" (", 1)[1].rsplit(")", 1)
-            except (OSError, ValueError):
-                continue
-            state, ppid = rest.split()[0], int(rest.split()[1])
-            if ppid != me or "chrom" not in comm:
-                continue
-            left.append(int(entry))
-            with contextlib.suppress(OSError):
-                if state != "Z":
-                    os.kill(int(entry), signal.SIGKILL)
-                os.waitpid(int(entry), os.WNOHANG)
-        if not left:
-            return
-        time.sleep(0.1)
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error, OSError):
+                if "chrom" not in child.name():
+                    continue
+                left.append(child.pid)
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    child.kill()
+                os.waitpid(child.pid, os.WNOHANG)
+        return not left
+
+    with contextlib.suppress(AssertionError):  # best effort, as before: give up after 5 s
+        wait_until(none_left, 5, "chromium's orphans to be reaped", interval=0.1)
 
 
 def _wait_kernels_idle(base: str, timeout: float = 300, stable_s: float = 3) -> None:
-    deadline = time.monotonic() + timeout
-    idle_since = None
-    while time.monotonic() < deadline:
+    idle_since: list[float] = []
+
+    def idle_long_enough() -> bool:
         kernels = json.loads(_get(f"{base}/api/kernels"))
-        if all(k["execution_state"] == "idle" for k in kernels):
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since >= stable_s:
-                return
-        else:
-            idle_since = None
-        time.sleep(0.25)
-    raise AssertionError("the notebook did not finish running")
+        if not all(k["execution_state"] == "idle" for k in kernels):
+            idle_since.clear()
+            return False
+        if not idle_since:
+            idle_since.append(time.monotonic())
+        return time.monotonic() - idle_since[0] >= stable_s
+
+    wait_until(idle_long_enough, timeout,
+               f"the notebook to finish running (kernels idle for {stable_s:g} s)", interval=0.25)
 
 
 def _set_subreaper(on: bool) -> None:
@@ -111,17 +105,21 @@ def jupyterlab(tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def answers() -> bool:
             try:
                 _get(f"{base}/api/status")
-                break
+                return True
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text()
-                    ) from None
-                time.sleep(0.2)
+                if proc.poll() is not None:
+                    raise AssertionError("JupyterLab exited") from None
+                return False
+
+        try:
+            wait_until(answers, 60, "JupyterLab to answer", interval=0.2)
+        except AssertionError:
+            raise RuntimeError(
+                "JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text()
+            ) from None
         yield base, proc
     finally:
         try:  # shut kernels down cleanly first: they release their sandboxes at exit
@@ -145,7 +143,7 @@ def jupyterlab(tmp_path):
             except OSError:
                 pass
         log.close()
-        assert not _alive(with_servers), "sandbox servers outlived the kernel"
+        assert not alive(with_servers), "sandbox servers outlived the kernel"
 
 
 def test_launch_and_stop_from_jupyterlab(jupyterlab, tmp_path):
@@ -208,16 +206,14 @@ def _drive_browser(base, server, shots, tmp_path, expect, sync_playwright, Playw
             expect(row).to_contain_text("running", timeout=90_000)
             expect(row).to_contain_text("local")
             page.screenshot(path=str(shots / "2-running.png"))
-            servers = _alive(sandbox_server_pids()) & descendants(server.pid)
+            servers = alive(sandbox_server_pids()) & descendants(server.pid)
             assert len(servers) >= 1, "no sandbox server runs under the kernel"
 
             row.locator(".sandboxnb-stop").click()
             expect(page.locator(".sandboxnb-row")).to_have_count(0, timeout=90_000)
             page.screenshot(path=str(shots / "3-stopped.png"))
-            deadline = time.monotonic() + 10
-            while _alive(servers) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not _alive(servers), "the stopped sandbox's server is still running"
+            wait_until(lambda: not alive(servers), 10,
+                       "the stopped sandbox's server to exit", interval=0.1)
             _wait_kernels_idle(base)  # the notebook's remaining cells (a run) finish cleanly
         except BaseException:
             with contextlib.suppress(Exception):

@@ -23,7 +23,7 @@ from sandboxnb.errors import (
 )
 from sandboxnb.server import wire as P
 
-from .conftest import pid_alive
+from .helpers import pid_alive, wait_until_async, written
 
 TOKEN = "client-test-token"
 
@@ -48,23 +48,6 @@ def server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     proc.stdout.close()
-
-
-async def _wait_file(path, within=5.0) -> str:
-    deadline = time.monotonic() + within
-    while not (path.exists() and path.read_text().strip()):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        await asyncio.sleep(0.02)
-    return path.read_text()
-
-
-async def _wait_dead(pid: int, within=5.0) -> bool:
-    deadline = time.monotonic() + within
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 async def test_exec_streams_through_callback(server):
@@ -112,11 +95,12 @@ async def test_cancelling_exec_kills_the_remote_process(server):
     url, work, _ = server
     async with await connect(url, TOKEN) as sb:
         task = asyncio.ensure_future(sb.exec("sleep 300 & echo $! > pid; wait"))
-        pid = int(await _wait_file(work / "pid"))
+        pid = int(await wait_until_async(lambda: written(work / "pid"), 5, "the pid file",
+                                         interval=0.02))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await _wait_dead(pid)
+        await wait_until_async(lambda: not pid_alive(pid), 5, f"remote process {pid} to end")
         assert (await sb.exec("echo still")).stdout == "still\n"
 
 
@@ -175,7 +159,8 @@ async def test_dead_server_raises_connection_lost_promptly(server, how):
     child = None
     try:
         pending = asyncio.ensure_future(sb.exec("echo $$ > pid; exec sleep 60"))
-        child = int(await _wait_file(work / "pid"))
+        child = int(await wait_until_async(lambda: written(work / "pid"), 5, "the pid file",
+                                           interval=0.02))
         start = time.monotonic()
         os.kill(proc.pid, how)
         with pytest.raises(ConnectionLost):

@@ -71,11 +71,16 @@ def test_overrides_merge_field_by_field_and_none_clears():
 
 
 def test_flat_keywords_and_unknown_keyword():
-    config = config_from_flat(cpu=2, memory_mb=512, gpu="A10G:2", timeout=30, image=None)
+    config = config_from_flat(cpu=2, memory_mb=512, gpu="A10G:2", run_timeout_s=30, image=None,
+                              disk_mb=2048)
     assert config.resources.cpu == 2 and config.resources.memory_mb == 512
+    assert config.resources.disk_mb == 2048
     assert config.limits.run_timeout_s == 30 and config.image is None
     with pytest.raises(ConfigError, match=r"unknown runtime option cpus=2; accepted: image, cpu"):
         config_from_flat(cpus=2)
+    # the ambiguous alias is gone: a flat keyword is always a field's own name
+    with pytest.raises(ConfigError, match=r"unknown runtime option timeout=30; .*run_timeout_s"):
+        config_from_flat(timeout=30)
 
 
 def test_unsupported_field_names_provider_and_field():

@@ -9,7 +9,6 @@ engine, the emulator), never of the provider's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from sandboxnb.providers import Endpoint
 from sandboxnb.testing.conformance import *  # noqa: F403
 from sandboxnb.testing.conformance import Harness
 
-from .conftest import descendants, sandbox_server_pids
+from .helpers import argv, descendants, sandbox_server_pids, wait_until_async
 from .shell_provider import ShellProvider
 
 MiB = 1024 * 1024
@@ -95,9 +94,7 @@ def _modal() -> Iterator[Harness]:
 
         def argvs(root: int) -> Iterator[list[str]]:
             for pid in sorted(descendants(root)):
-                with contextlib.suppress(OSError):  # a process that just ended
-                    yield [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes()
-                           .split(b"\0") if a]
+                yield argv(pid)  # [] for a process that just ended
 
         async def server_command(endpoint, sandbox) -> list[str]:
             # what the emulated sandbox runs once the bootstrap exec'd: its host process table
@@ -178,18 +175,15 @@ async def provider(harness) -> Any:
     prov = harness.make()
     yield prov
     await prov.aclose()
-    for _ in range(100):  # teardown is awaited, but emulators reap asynchronously
-        if not (harness.live() - before):
-            break
-        await asyncio.sleep(0.05)
-    assert not (harness.live() - before), f"{harness.name} left sandboxes behind"
+    # teardown is awaited, but emulators reap asynchronously
+    await wait_until_async(lambda: not (harness.live() - before), 5,
+                           f"{harness.name}'s sandboxes to be gone (none may be left behind)")
 
 
 def test_a_third_party_provider_runs_the_suite_with_one_import_and_one_option(tmp_path):
     """What a provider author does: one import in a test file, one pytest option."""
     import subprocess
     import sys
-    from pathlib import Path
 
     (tmp_path / "test_mine.py").write_text(
         "from sandboxnb.testing.conformance import *  # noqa: F403\n")

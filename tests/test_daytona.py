@@ -23,6 +23,8 @@ from sandboxnb.providers.daytona import SESSION, DaytonaProvider
 from sandboxnb.testing.daytona_emulator import SDK_VERSION, DaytonaEmulator
 from sandboxnb.testing.isolation import namespaces_available
 
+from .helpers import cmdline, processes_with, wait_until_async
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,19 +49,6 @@ async def provider(emu):
     await prov.aclose()
 
 
-def _server_cmdlines() -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "sandboxnb.server" in cmd and "pytest" not in cmd:
-            found.append(cmd)
-    return found
-
-
 async def test_launch_exec_files_python(emu, provider):
     config = config_from_flat(cpu=2, memory_mb=1024)
     async with provider.sandbox(config) as ep:
@@ -76,7 +65,8 @@ async def test_launch_exec_files_python(emu, provider):
             await sb.python("x = 20")
             assert (await sb.python("x + 22")).value == "42"
             # the server holds the token only in its environment, never on an argv
-            cmdlines = _server_cmdlines()
+            cmdlines = [line for line in map(cmdline, processes_with("sandboxnb.server"))
+                        if "pytest" not in line]
             assert cmdlines and not any(ep.token in c for c in cmdlines)
         record = emu.sandbox(ep.sandbox_id)
         assert record.state == "started" and record.labels["sandboxnb"] == "1"
@@ -315,7 +305,8 @@ async def test_run_timeout_deletes_a_held_sandbox(emu):
             assert (await sb.exec("true")).ok
             with pytest.raises((ConnectionLost, SandboxError)):
                 await sb.exec(["sleep", "60"])
-            await _until(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [])
+            await wait_until_async(lambda: not emu.sandboxes and not emu.live_sandboxes(), 10,
+                                   "the emulator to hold no sandbox")
         (record,) = emu.deleted
         refreshes = record.activity_refreshes
         assert refreshes >= 1
@@ -332,14 +323,8 @@ async def test_startup_timeout_is_the_policy_and_leaves_nothing(emu, provider):
         async with provider.sandbox(config):
             pytest.fail("the sandbox cannot be ready in time")
     # the interrupted create lands, then is deleted
-    await _until(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [])
-
-
-async def _until(predicate, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "not within the deadline"
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: emu.sandboxes == {} and emu.live_sandboxes() == [], 10,
+                           "the emulator to hold no sandbox")
 
 
 class emu_sandbox_without_python:

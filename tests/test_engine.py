@@ -22,7 +22,7 @@ from sandboxnb.runner import bounded
 from sandboxnb.scheduler import Run
 from sandboxnb.tasks import TaskError, Taskset
 
-from .conftest import sandbox_server_pids
+from .helpers import sandbox_server_pids, wait_until_async
 
 
 async def echo_agent(sandbox, task):
@@ -117,11 +117,8 @@ async def test_cancelling_a_run_releases_every_sandbox(tmp_path):
     ]
     before = sandbox_server_pids()
     run = sandboxnb.start(tasks, sleepy_agent, max_concurrent=4, journal=tmp_path / "j.jsonl")
-    for _ in range(200):
-        await asyncio.sleep(0.05)
-        if len(sandbox_server_pids() - before) >= 4:
-            break
-    assert len(sandbox_server_pids() - before) >= 4  # four sandboxes really running
+    await wait_until_async(lambda: len(sandbox_server_pids() - before) >= 4, 10,
+                           "four sandboxes really running")
     run.cancel()
     await run.wait()
     assert run.status == "cancelled" and run.done()

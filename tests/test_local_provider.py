@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from sandboxnb.errors import ConnectionLost
 from sandboxnb.providers import get_provider
 from sandboxnb.providers.base import ProviderError
 from sandboxnb.providers.local import LocalProvider
-from sandboxnb.testing.conformance import wait_until
 
-from .conftest import pid_alive, sandbox_server_pids
+from .helpers import pid_alive, sandbox_server_pids, wait_until, wait_until_async
 
 
 @pytest.fixture
@@ -139,11 +137,13 @@ async def test_run_timeout_kills_the_sandbox(provider, tmp_path):
         with pytest.raises(ConnectionLost):
             await sb.exec("echo $$; exec sleep 30",
                           on_output=lambda stream, data: printed.append(data))
-        await wait_until(lambda: not pid_alive(server), 10, "the server was killed")
+        await wait_until_async(lambda: not pid_alive(server), 10, "the server to be killed")
         if printed:  # the command had started before the timer fired: it dies too
             child = int(printed[0].split()[0])
-            await wait_until(lambda: not pid_alive(child), 10, "the command was killed")
-    await wait_until(lambda: not any(tmp_path.iterdir()), 10, "the sandbox dir was removed")
+            await wait_until_async(lambda: not pid_alive(child), 10,
+                                   "the command to be killed")
+    await wait_until_async(lambda: not any(tmp_path.iterdir()), 10,
+                           "the sandbox dir to be removed")
 
 
 async def test_startup_failure_reports_and_cleans_up(tmp_path):
@@ -215,9 +215,7 @@ def test_sandbox_exits_when_its_owner_process_dies(tmp_path):
         assert len(servers) == 1
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (sandbox_server_pids() - before):
-            time.sleep(0.1)
-        assert not (sandbox_server_pids() - before), "server outlived its owner"
+        wait_until(lambda: not (sandbox_server_pids() - before), 5,
+                   "the server to exit with its owner", interval=0.1)
     finally:
         proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.magics import RemoteCellError, RemoteValue
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable
 from sandboxnb.notebook.sandboxes import manager
-from tests.conftest import live_sandbox_servers
+from tests.helpers import live_sandbox_servers, processes_with, wait_until
 
 
 @pytest.fixture
@@ -27,19 +28,6 @@ def ip():
     finally:
         shell.run_line_magic("unload_ext", "sandboxnb")
         shell.config.pop("SandboxMagics", None)
-
-
-def _procs_with(text: str) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if text.encode() in fh.read().replace(b"\0", b" "):
-                        found.add(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def test_launch_ls_stop(ip):
@@ -74,9 +62,34 @@ def test_stop_all_and_default_names(ip):
 
 def test_config_defaults_apply(ip):
     ip.run_line_magic("config", "SandboxMagics.default_cpu = 0.5")
-    ip.run_line_magic("sandbox", "launch --name cfg")
+    ip.run_line_magic("config", "SandboxMagics.default_run_timeout_s = 600.0")
+    ip.run_line_magic("sandbox", "launch --name cfg --startup-timeout 30")
     (row,) = ip.run_line_magic("sandbox", "ls").rows
-    assert "cpu=0.5" in row["config"]
+    assert "cpu=0.5" in row["config"] and "run_timeout_s=600.0" in row["config"]
+    assert "startup_timeout_s=30.0" in row["config"]
+    config = ip.user_ns["cfg"].config
+    assert config.limits.run_timeout_s == 600 and config.limits.startup_timeout_s == 30
+    # a flag overrides a setting; none clears it (no limit)
+    ip.run_line_magic("sandbox", "launch --name nolimit --run-timeout none --cpu 1")
+    config = ip.user_ns["nolimit"].config
+    assert config.limits.run_timeout_s is None and config.resources.cpu == 1
+
+
+def test_run_timeout_flag_sets_the_sandbox_lifetime(ip):
+    from sandboxnb.tasks import Task, Taskset
+
+    ip.user_ns["one_task"] = Taskset([Task(id="t1", grader={"type": "match", "expected": "5.0"})],
+                                     name="one")
+
+    async def spy(sandbox, task):
+        return str(sandbox.config.limits.run_timeout_s)
+
+    ip.user_ns["spy"] = spy
+    ip.run_line_magic("sandbox", "run one_task --agent spy --run-timeout 5 -o df")
+    run = ip.user_ns["_sandbox_run"]
+    assert run.status == "done"
+    (row,) = run.rows
+    assert row["status"] == "ok" and row["answer"] == "5.0" and row["reward"] == 1.0
 
 
 def test_providers_table(ip):
@@ -98,7 +111,10 @@ def test_providers_table(ip):
         ("bogus", "invalid choice"),
         ("launch nosuch", "not a known provider"),
         ("launch local --cpu -1", "resources.cpu"),
-        ("launch local --cpu abc", "invalid float value"),
+        ("launch local --cpu abc", r"argument --cpu: resources.cpu = 'abc': expected a number"),
+        ("launch local --disk-mb 512", "local does not support resources.disk_mb"),
+        ("launch local --run-timeout 0", "limits.run_timeout_s"),
+        ("launch local --timeout 5", "ambiguous and no longer accepted: use --run-timeout"),
         ("launch local --memory-mb 0", "resources.memory_mb"),
         ("launch local --gpu A10G:2", "local does not support resources.gpu"),
         ("launch local --gpu ':x'", "GPU spec"),
@@ -111,6 +127,8 @@ def test_providers_table(ip):
         ("run nosuch.txt --agent oracle", "taskset"),
         ("run humaneval --agent oracle --max-concurrent 0", "--max-concurrent"),
         ("run humaneval --agent oracle --runtime nosuch", "not a known provider"),
+        ("run humaneval --agent oracle --rollout-timeout 0", "--rollout-timeout"),
+        ("run humaneval --agent oracle --disk-mb 512", "local does not support resources.disk_mb"),
         ("run humaneval --agent nosuch:thing", "agent"),
     ],
 )
@@ -173,10 +191,7 @@ def test_one_shot_cells_leave_nothing(ip, capsys):
     ip.run_cell_magic("sandbox", "local --bash --cpu 1", "echo one-shot")
     assert "one-shot" in capsys.readouterr().out
     assert repr(ip.run_cell_magic("sandbox", "", "6 * 7")) == "42"
-    deadline = time.monotonic() + 5
-    while live_sandbox_servers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_sandbox_servers() == set()
+    wait_until(lambda: not live_sandbox_servers(), 5, "the one-shot sandboxes' servers to exit")
     assert manager().records() == []
 
 
@@ -186,9 +201,8 @@ def test_interrupt_cancels_remote_work(ip):
     main = threading.get_ident()
 
     def interrupt() -> None:
-        deadline = time.monotonic() + 20
-        while not _procs_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # interrupt anyway; the test then fails
+            wait_until(lambda: processes_with(marker), 20, f"{marker!r} to run")
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
@@ -196,10 +210,8 @@ def test_interrupt_cancels_remote_work(ip):
     with pytest.raises(KeyboardInterrupt):
         ip.run_cell_magic("sandbox", "slow --bash", marker)
     assert time.monotonic() - began < 15
-    deadline = time.monotonic() + 5
-    while _procs_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _procs_with(marker), "the remote process survived the interrupt"
+    wait_until(lambda: not processes_with(marker), 5,
+               "the remote process to end (it must not survive the interrupt)")
     # the sandbox is still usable afterwards
     assert repr(ip.run_cell_magic("sandbox", "slow", "1 + 1")) == "2"
 
@@ -219,10 +231,7 @@ def test_unload_releases_every_sandbox():
     shell.run_line_magic("sandbox", "launch --name b")
     assert len(live_sandbox_servers()) >= 2
     shell.run_line_magic("unload_ext", "sandboxnb")
-    deadline = time.monotonic() + 5
-    while live_sandbox_servers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_sandbox_servers() == set()
+    wait_until(lambda: not live_sandbox_servers(), 5, "every sandbox server to exit at unload")
     assert "a" not in shell.user_ns and "b" not in shell.user_ns
     assert "sandbox" not in shell.magics_manager.magics["line"]
     assert "sandbox" not in shell.magics_manager.magics["cell"]

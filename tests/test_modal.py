@@ -19,6 +19,8 @@ from sandboxnb.providers.modal import MAX_TIMEOUT_S, ModalProvider
 from sandboxnb.providers.spec import owner_label
 from sandboxnb.testing.modal_emulator import CreateRecord, ModalEmulator
 
+from .helpers import wait_until_async
+
 SANDBOX_CREATES = ("SandboxCreate", "SandboxCreateV2")
 
 
@@ -56,14 +58,6 @@ def live(emu: ModalEmulator) -> list[str]:
             if r.sandbox_id in emu.live_sandboxes()]
 
 
-async def wait_for(predicate, within: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def test_launch_exec_files_python(emu, provider):
     chunks: list[tuple[str, str]] = []
     async with sandboxnb.launch(provider, cpu=1, memory_mb=512) as sb:
@@ -96,7 +90,7 @@ async def test_launch_exec_files_python(emu, provider):
 
 async def test_resource_mapping_reaches_the_control_plane(emu, provider):
     config = config_from_flat(
-        cpu=2, memory_mb=1536, gpu="A10G:2", timeout=120, idle_timeout_s=90,
+        cpu=2, memory_mb=1536, gpu="A10G:2", run_timeout_s=120, idle_timeout_s=90,
         startup_timeout_s=30,
     )
     async with provider.sandbox(config) as endpoint:
@@ -137,7 +131,7 @@ async def test_cpu_only_sandbox_uses_v2_and_defaults(emu, provider):
         ({"disk_mb": 2048}, "resources.disk_mb"),
         ({"gpu": "TPU9000"}, "resources.gpu.type"),
         ({"gpu": "H100:16"}, "resources.gpu.count"),
-        ({"timeout": 100_000}, "limits.run_timeout_s"),
+        ({"run_timeout_s": 100_000}, "limits.run_timeout_s"),
     ],
 )
 async def test_unsupported_fields_rejected_before_any_create(emu, provider, flat, field):
@@ -211,7 +205,8 @@ async def test_cancel_while_create_rpc_in_flight_leaves_nothing():
         prov = ModalProvider()
         try:
             task = asyncio.create_task(prov.sandbox(RuntimeConfig()).__aenter__())
-            await wait_for(lambda: len(slow.creates) == 1)  # the control plane has it
+            await wait_until_async(lambda: len(slow.creates) == 1, 10,  # the control plane has it
+                                   "the create to reach the control plane", interval=0.02)
             assert slow.live_sandboxes() == [slow.creates[0].sandbox_id]
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -309,10 +304,12 @@ def _gc(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_run_timeout_ends_the_sandbox(emu, provider):
-    async with provider.sandbox(config_from_flat(timeout=1, startup_timeout_s=20)) as endpoint:
+    config = config_from_flat(run_timeout_s=1, startup_timeout_s=20)
+    async with provider.sandbox(config) as endpoint:
         rec = record(emu, endpoint.sandbox_id)
         assert rec.timeout == 21
-        await wait_for(lambda: not emu.live_sandboxes(), within=10)
+        await wait_until_async(lambda: not emu.live_sandboxes(), 10,
+                               "Modal's sandboxes to be gone", interval=0.02)
     assert rec.end_reason == "terminated"  # by the base's run timeout, before Modal's cap
 
 
@@ -323,7 +320,8 @@ async def test_modal_lifetime_cap_is_the_backstop_when_the_owner_is_gone(emu, pr
     try:
         rec = record(emu, spec.sandbox_id)
         assert rec.timeout == 1
-        await wait_for(lambda: not emu.live_sandboxes(), within=10)
+        await wait_until_async(lambda: not emu.live_sandboxes(), 10,
+                               "Modal's sandboxes to be gone", interval=0.02)
         assert rec.end_reason == "timeout"
     finally:
         await provider.destroy(handle)
@@ -366,7 +364,8 @@ async def test_abandoned_sandbox_goes_away_after_idle_timeout(emu, provider):
         assert rec.idle_timeout == 1
         # Nobody connects (a crashed client): the server's dead-man switch or Modal's idle
         # timeout ends the sandbox without any terminate call.
-        await wait_for(lambda: not emu.live_sandboxes(), within=15)
+        await wait_until_async(lambda: not emu.live_sandboxes(), 15,
+                               "Modal's sandboxes to be gone", interval=0.02)
     assert rec.end_reason in ("exited", "idle_timeout")
     assert emu.rpc_calls.get("SandboxTerminateV2", 0) == 1  # only the teardown's own call
 

@@ -14,7 +14,14 @@ import pytest
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
-from tests.conftest import _alive, descendants, live_sandbox_servers, sandbox_server_pids
+from tests.helpers import (
+    alive,
+    descendants,
+    live_sandbox_servers,
+    processes_with,
+    sandbox_server_pids,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -57,22 +64,14 @@ def _execute(kc, code: str, timeout: float = 120) -> dict:
     return reply["content"]
 
 
-def _wait_for_processes(text: str, timeout: float = 30) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = {pid for pid in descendants(os.getpid()) if text in _cmdline(pid)}
-        if found:
-            return found
-        time.sleep(0.05)
-    return set()
+def _ours_with(text: str) -> set[int]:
+    """Processes below this test process whose command line contains ``text``."""
+    return processes_with(text, among=descendants(os.getpid()))
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+def _kernel_servers(kernel_pid: int) -> set[int]:
+    """Running sandbox servers below the kernel."""
+    return alive(sandbox_server_pids()) & descendants(kernel_pid)
 
 
 def _interrupt_and_time(km, kc, msg_id: str) -> tuple[float, dict]:
@@ -91,20 +90,16 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         assert _execute(kc, setup)["status"] == "ok"
         kernel_pid = km.provisioner.pid
         # 1) a one-shot Python cell: the whole sandbox must go away
-        servers_before = _alive(sandbox_server_pids()) & descendants(kernel_pid)
+        servers_before = _kernel_servers(kernel_pid)
         msg_id = kc.execute("%%sandbox local\nimport time\ntime.sleep(1000)")
-        deadline = time.monotonic() + 30
-        while (_alive(sandbox_server_pids()) & descendants(kernel_pid)) == servers_before:
-            assert time.monotonic() < deadline, "one-shot sandbox never started"
-            time.sleep(0.05)
+        wait_until(lambda: _kernel_servers(kernel_pid) != servers_before, 30,
+                   "the one-shot sandbox to start")
         time.sleep(1.0)  # let the cell reach time.sleep
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
         assert took < 10, f"interrupt took {took:.1f}s"
-        deadline = time.monotonic() + 5
-        while (_alive(sandbox_server_pids()) & descendants(kernel_pid)) != servers_before:
-            assert time.monotonic() < deadline, "the one-shot sandbox survived the interrupt"
-            time.sleep(0.05)
+        wait_until(lambda: _kernel_servers(kernel_pid) == servers_before, 5,
+                   "the one-shot sandbox to end (it must not survive the interrupt)")
         # 2) a Python cell in the interactive sandbox: the worker stops, the namespace survives
         assert _execute(kc, "%%sandbox sb\nkept = 'yes'")["status"] == "ok"
         msg_id = kc.execute("%%sandbox sb\nimport time\ntime.sleep(1000)")
@@ -114,18 +109,16 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         # 3) a shell cell: the remote process is killed
         marker = "sleep 1000.25"
         msg_id = kc.execute(f"%%sandbox sb --bash\n{marker}")
-        assert _wait_for_processes(marker), "remote sleep never started"
+        wait_until(lambda: _ours_with(marker), 30, "the remote sleep to start")
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and took < 10
-        deadline = time.monotonic() + 5
-        while _wait_for_processes(marker, timeout=0.01):
-            assert time.monotonic() < deadline, "the remote process survived the interrupt"
-            time.sleep(0.05)
+        wait_until(lambda: not _ours_with(marker), 5,
+                   "the remote process to end (it must not survive the interrupt)")
         reply = kc.execute_interactive("%%sandbox sb\nkept", timeout=60,
                                        output_hook=lambda msg: None)
         assert reply["content"]["status"] == "ok"
         assert _execute(kc, "%unload_ext sandboxnb")["status"] == "ok"
-        assert not (_alive(sandbox_server_pids()) & descendants(kernel_pid))
+        assert not _kernel_servers(kernel_pid)
     assert not live_sandbox_servers()
 
 
@@ -190,15 +183,14 @@ def test_sandboxes_live_on_the_kernel_loop(no_account):
         # a widget callback made on another thread while the kernel is idle
         _ok(kc, "ui = sandboxnb.launcher(provider='local')\n"
                 "threading.Timer(0.3, ui.launch_button.click).start()")
-        deadline = time.monotonic() + 30
-        while True:
+        def launched_on_the_kernel_loop() -> bool:
             text = _ok(kc, "from sandboxnb.notebook.sandboxes import manager\n"
                            "print([(r.name, r.state, r.loop is asyncio.get_running_loop()) "
                            "for r in manager().records()])")
-            if "('sb1', 'running', True)" in text:
-                break
-            assert time.monotonic() < deadline, text
-            time.sleep(0.2)
+            return "('sb1', 'running', True)" in text
+
+        wait_until(launched_on_the_kernel_loop, 30,
+                   "sb1 running on the kernel loop after the click", interval=0.2)
         # an interrupt during streamed output (the loop is busy delivering it when the signal
         # arrives) leaves the connection usable
         msg_id = kc.execute("%%sandbox sb\nimport time\nwhile True:\n"
@@ -210,7 +202,7 @@ def test_sandboxes_live_on_the_kernel_loop(no_account):
         text = _ok(kc, "print('after:', (await sb.exec('echo ok')).stdout.strip())\n"
                        "%sandbox stop --all")
         assert "after: ok" in text
-        assert not (_alive(sandbox_server_pids()) & descendants(km.provisioner.pid))
+        assert not _kernel_servers(km.provisioner.pid)
     assert not live_sandbox_servers()
 
 
@@ -232,15 +224,13 @@ async def slow(sandbox, task):
 
 run = sandboxnb.start(Taskset(list(humaneval.load())[:5], name='h5'), slow, 'local',
                       max_concurrent=2, journal={str(journal)!r})""")
-        deadline = time.monotonic() + 30
-        while len(_alive(sandbox_server_pids()) & descendants(kernel_pid)) < 2:
-            assert time.monotonic() < deadline, "the run's sandboxes never started"
-            time.sleep(0.05)
+        wait_until(lambda: len(_kernel_servers(kernel_pid)) >= 2, 30,
+                   "the run's sandboxes to start")
         time.sleep(0.5)  # let both rollouts reach the agent's sleep
         km.shutdown_kernel(now=False)
         assert not km.is_alive()
     # checked at once: the sandboxes went away with the kernel, not after it
-    assert not _alive(sandbox_server_pids() - {os.getpid()}) & descendants(os.getpid())
+    assert not alive(sandbox_server_pids() - {os.getpid()}) & descendants(os.getpid())
     rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     assert [r["status"] for r in rows] == ["cancelled", "cancelled"], rows
 

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -20,7 +19,7 @@ import sandboxnb.server
 from sandboxnb.bundle import BUNDLE_NAME, build_bundle, bundle_bytes, bundle_path
 from sandboxnb.server import wire as P
 
-from .conftest import pid_alive
+from .helpers import pid_alive, wait_until
 
 
 def test_roundtrip_is_one_ascii_line():
@@ -153,18 +152,9 @@ def test_bundle_serves_exec_and_python_on_a_bare_interpreter(python, tmp_path):
             assert 'File "<sandbox-3>", line 2' in error["traceback"]
             stream.close()
         assert proc.wait(10) == 0  # dead-man switch: idle after the client left
-        assert _wait_dead(worker)
+        wait_until(lambda: not pid_alive(worker), 5, f"the worker {worker} to end")
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-
-
-def _wait_dead(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

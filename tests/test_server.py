@@ -17,7 +17,7 @@ import sandboxnb.server
 from sandboxnb.bundle import bundle_path
 from sandboxnb.server import wire as P
 
-from .conftest import pid_alive
+from .helpers import alive, wait_until, written
 
 TOKEN = "s3cret-token"
 
@@ -107,14 +107,8 @@ def server(tmp_path):
     srv.stop()
 
 
-def _wait_dead(pids, within=5.0) -> list[int]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if pid_alive(p)]
-        if not alive:
-            return []
-        time.sleep(0.05)
-    return alive
+def _wait_dead(pids: list[int]) -> None:
+    wait_until(lambda: not alive(pids), 5, f"processes {pids} to end")
 
 
 def test_ready_line(server):
@@ -213,27 +207,24 @@ def test_exec_timeout_kills_grandchildren(server):
     assert reply["result"]["timed_out"] is True
     assert time.monotonic() - start < 3
     pids = [int(p) for p in (server.workdir / "pids").read_text().split()]
-    assert len(pids) == 2 and _wait_dead(pids) == []
+    assert len(pids) == 2
+    _wait_dead(pids)
 
 
 def test_cancel_and_disconnect_kill_the_process_group(server):
     conn = server.client()
     req = conn.send("exec", cmd="sleep 300 & echo $! > pid1; wait")
     pidfile = server.workdir / "pid1"
-    deadline = time.monotonic() + 5
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: written(pidfile), 5, "pid1", interval=0.02)
     assert conn.call("cancel", id=req)["result"] == {"cancelled": True}
     assert conn.wait(req)["error"]["code"] == P.CANCELLED
-    assert _wait_dead([int(pidfile.read_text())]) == []
+    _wait_dead([int(pidfile.read_text())])
 
     conn.send("exec", cmd="sleep 300 & echo $! > pid2; wait")
     pidfile = server.workdir / "pid2"
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        time.sleep(0.02)
+    wait_until(lambda: written(pidfile), 5, "pid2", interval=0.02)
     conn.close()
-    assert _wait_dead([int(pidfile.read_text())]) == []
+    _wait_dead([int(pidfile.read_text())])
 
 
 def test_files_round_trip_and_limits(tmp_path):
@@ -312,7 +303,7 @@ def test_python_timeout_interrupts_and_keeps_namespace(server):
     assert conn.call("python", code="keep")["result"]["value"] == "'me'"
     conn.call("shutdown")
     assert server.proc.wait(5) == 0
-    assert _wait_dead([worker]) == []
+    _wait_dead([worker])
 
 
 def test_python_that_ignores_sigint_is_killed_and_reset(server):
@@ -361,7 +352,7 @@ def test_dead_man_switch_when_idle_kills_children(tmp_path):
         background = int((srv.workdir / "bg").read_text())
         conn.close()
         assert srv.proc.wait(5) == 0
-        assert _wait_dead([background, worker]) == []
+        _wait_dead([background, worker])
     finally:
         srv.stop()
 

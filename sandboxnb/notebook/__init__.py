@@ -36,9 +36,10 @@ def unload_ipython_extension(ip: Any) -> None:
 
 
 def launcher(**defaults: Any) -> Any:
-    """A form to start sandboxes (provider, image, CPU, memory, GPU, timeout) and a live table
-    of running ones with a Stop button each. ``defaults`` pre-fill fields
-    (``provider="local"``, ``cpu=1``...)."""
+    """A form to start sandboxes (the provider and one field per runtime option, as the
+    ``--cpu``, ``--run-timeout``... flags of the magics and the CLI) and a live table of running
+    ones with a Stop button each. ``defaults`` pre-fill fields (``provider="local"``,
+    ``cpu=1``, ``run_timeout_s=600``...)."""
     from sandboxnb.notebook.widgets import Launcher
 
     return Launcher(**defaults)

@@ -6,30 +6,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sandboxnb.config import ConfigError, UnsupportedFieldError, config_from_flat
+from sandboxnb.config import RuntimeConfig
+from sandboxnb.errors import ConfigError, UnsupportedFieldError
 from sandboxnb.notebook.reprs import provider_rows
 from sandboxnb.notebook.sandboxes import SandboxManager, SandboxRecord, manager, validate_launch
+from sandboxnb.options import OPTIONS, config_from_options
 
-__all__ = ["LauncherController"]
+__all__ = ["FORM_FIELDS", "LauncherController"]
 
-# config field (dotted or flat) -> form field that shows its message
-_FIELD_OF = {
-    "image": "image",
-    "cpu": "cpu",
-    "resources.cpu": "cpu",
-    "memory_mb": "memory_mb",
-    "resources.memory_mb": "memory_mb",
-    "gpu": "gpu_type",
-    "resources.gpu": "gpu_type",
-    "resources.gpu.type": "gpu_type",
-    "resources.gpu.count": "gpu_count",
-    "timeout": "timeout",
-    "limits.run_timeout_s": "timeout",
-}
+#: Launcher form fields, in display order: the provider, then one per runtime option
+#: (:data:`sandboxnb.options.OPTIONS`), named like the option (``memory_mb``, ``run_timeout_s``).
+FORM_FIELDS = ("provider", *(opt.name for opt in OPTIONS))
+
+
+def _field_of(path: str) -> str | None:
+    """The form field of a dotted config path (``resources.gpu.count`` -> ``gpu``)."""
+    for opt in OPTIONS:
+        if path == opt.path or path.startswith(opt.path + "."):
+            return opt.name
+    return None
 
 
 class LauncherController:
-    """Validates launcher form values and starts/stops sandboxes through the shared manager."""
+    """Validates launcher form values and starts/stops sandboxes through the shared manager.
+
+    Form values are text, parsed like the flags of the CLI and the magics: an empty field leaves
+    the option to the config (its default), ``none`` sets it to None (no limit, or the
+    provider's default).
+    """
 
     def __init__(self, manager_: SandboxManager | None = None) -> None:
         self.manager = manager_ or manager()
@@ -39,19 +43,27 @@ class LauncherController:
         return next((row for row in self.providers if row["provider"] == name), None)
 
     @staticmethod
-    def flat(values: Mapping[str, Any]) -> dict[str, Any]:
-        """Form values -> flat runtime options (empty/zero optional fields mean "default")."""
-        image = (values.get("image") or "").strip() or None
-        gpu_type = (values.get("gpu_type") or "").strip()
-        gpu = f"{gpu_type}:{values.get('gpu_count')}" if gpu_type else None
-        timeout = values.get("timeout")
-        return {
-            "image": image,
-            "cpu": values.get("cpu"),
-            "memory_mb": values.get("memory_mb"),
-            "gpu": gpu,
-            "timeout": timeout if timeout not in (None, 0, 0.0) else None,
-        }
+    def parse(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Form values -> (the runtime options given, ``{form field: message}`` for the ones
+        that do not parse). Empty fields are left out."""
+        given: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for opt in OPTIONS:
+            value = values.get(opt.name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue
+            try:
+                given[opt.name] = opt.parse(value)
+            except ConfigError as err:
+                errors[opt.name] = _strip_prefix(str(err))
+        return given, errors
+
+    def config(self, values: Mapping[str, Any]) -> RuntimeConfig:
+        """The runtime config the form describes; ConfigError if a field is invalid."""
+        given, errors = self.parse(values)
+        if errors:
+            raise ConfigError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        return config_from_options(given)
 
     def validate(self, values: Mapping[str, Any]) -> dict[str, str]:
         """``{form field: message}`` for every problem; empty when the launch may go ahead."""
@@ -63,35 +75,25 @@ class LauncherController:
             errors["provider"] = f"provider = {provider!r} is not known; accepted: {known}"
         elif not info["available"]:
             errors["provider"] = f"{provider} is unavailable here: {info['reason']}"
-        gpu_type = (values.get("gpu_type") or "").strip()
-        count = values.get("gpu_count")
-        if gpu_type and (not isinstance(count, int) or count < 1):
-            errors["gpu_count"] = f"GPU count = {count!r}: expected an integer >= 1"
-        flat = self.flat(values)
-        for key, value in flat.items():
-            if value is None or _FIELD_OF[key] in errors:
-                continue
-            try:
-                config_from_flat(**{key: value})
-            except ConfigError as err:
-                errors[_FIELD_OF[key]] = _strip_prefix(str(err))
+        given, field_errors = self.parse(values)
+        errors.update(field_errors)
         if errors:
             return errors
         try:
-            validate_launch(provider, **flat)
+            validate_launch(provider, config_from_options(given))
         except UnsupportedFieldError as err:
-            errors[_FIELD_OF.get(err.field, "provider")] = str(err)
-        except (ConfigError, ValueError, TypeError) as err:
+            errors[_field_of(err.field) or "provider"] = str(err)
+        except ConfigError as err:
             errors[_guess_field(str(err))] = _strip_prefix(str(err))
         return errors
 
     def launch(self, values: Mapping[str, Any], name: str | None = None) -> SandboxRecord:
-        """Validate, then start a sandbox without waiting; ValueError (with the per-field
+        """Validate, then start a sandbox without waiting; ConfigError (with the per-field
         messages) if the form is invalid, so nothing starts."""
         errors = self.validate(values)
         if errors:
-            raise ValueError("; ".join(f"{k}: {v}" for k, v in errors.items()))
-        record = self.manager.prepare(values["provider"], name, **self.flat(values))
+            raise ConfigError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        record = self.manager.prepare(values["provider"], name, config=self.config(values))
         self.manager.start(record)
         return record
 
@@ -105,7 +107,8 @@ def _strip_prefix(message: str) -> str:
 
 
 def _guess_field(message: str) -> str:
-    for key, form_field in _FIELD_OF.items():
-        if "." in key and key in message:
-            return form_field
+    """The field a provider's own check names (``modal limits.run_timeout_s = ...``)."""
+    for opt in OPTIONS:
+        if ("." in opt.path and opt.path in message) or f"{opt.path} =" in message:
+            return opt.name
     return "provider"

@@ -15,8 +15,11 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from traitlets import Float, Int, Unicode
+from traitlets import Float, Int, TraitType, Unicode
+from traitlets.config import Configurable
 
+from sandboxnb import options
+from sandboxnb.errors import ConfigError, SandboxnbError
 from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows
@@ -33,14 +36,6 @@ class _Parser(MagicArgumentParser):
                          "(see %sandbox? for every subcommand and option)")
 
 
-def _add_resource_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image", help="container image (providers that run images)")
-    parser.add_argument("--cpu", type=float, help="CPU cores, e.g. 1 or 0.5")
-    parser.add_argument("--memory-mb", type=int, dest="memory_mb", help="memory limit in MiB")
-    parser.add_argument("--gpu", help="GPU spec TYPE or TYPE:COUNT, e.g. A10G:2")
-    parser.add_argument("--timeout", type=float, help="sandbox lifetime cap in seconds")
-
-
 def _line_parser() -> _Parser:
     parser = _Parser(prog="%sandbox", description="Manage sandboxes from a notebook.")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -48,7 +43,7 @@ def _line_parser() -> _Parser:
                             help="start an interactive sandbox, kept until stopped")
     launch.add_argument("provider", nargs="?", help="provider name (default: the configured one)")
     launch.add_argument("--name", help="variable and sandbox name (default sb1, sb2, ...)")
-    _add_resource_options(launch)
+    options.add_runtime_arguments(launch)
     sub.add_parser("ls", prog="%sandbox ls", help="table of interactive sandboxes")
     stop = sub.add_parser("stop", prog="%sandbox stop", help="stop one sandbox, or --all")
     stop.add_argument("name", nargs="?", help="sandbox name")
@@ -63,11 +58,10 @@ def _line_parser() -> _Parser:
     run.add_argument("--max-concurrent", type=int, dest="max_concurrent", default=None)
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--limit", type=int, help="only the first N tasks")
-    run.add_argument("--rollout-timeout", type=float, dest="rollout_timeout",
-                     help="per-rollout deadline in seconds")
+    options.add_rollout_timeout(run)
     run.add_argument("--journal", help="JSONL file that receives every row as it finishes")
     run.add_argument("-o", "--output", dest="output", help="store the results DataFrame here")
-    _add_resource_options(run)
+    options.add_runtime_arguments(run)
     return parser
 
 
@@ -78,16 +72,29 @@ def _cell_parser() -> _Parser:
     parser.add_argument("--bash", action="store_true", help="run the cell as a shell script")
     parser.add_argument("-o", "--output", dest="output",
                         help="store the PythonResult / ExecResult in this variable")
-    _add_resource_options(parser)
+    options.add_runtime_arguments(parser)
     return parser
 
 
 LINE_PARSER = _line_parser()
 CELL_PARSER = _cell_parser()
-_RESOURCE_KEYS = ("image", "cpu", "memory_mb", "gpu", "timeout")
 
 
-class RemoteCellError(Exception):
+def _default_trait(opt: options.Option) -> TraitType:
+    kind = {float: Float, int: Int}.get(opt.kind, Unicode)
+    return kind(None, allow_none=True, help=f"default {opt.flag}: {opt.help}").tag(config=True)
+
+
+#: ``default_<option>`` settings, one per runtime option of :mod:`sandboxnb.options`
+#: (``%config SandboxMagics.default_cpu = 1``); ``None`` leaves the option to the config.
+RuntimeDefaults = type(Configurable)(
+    "RuntimeDefaults",
+    (Configurable,),
+    {f"default_{opt.name}": _default_trait(opt) for opt in options.OPTIONS},
+)
+
+
+class RemoteCellError(SandboxnbError):
     """The code of a ``%%sandbox`` cell failed remotely; shown as the remote traceback."""
 
     def __init__(self, message: str, remote_traceback: str = "") -> None:
@@ -137,21 +144,14 @@ class _Streamer:
 
 
 @magics_class
-class SandboxMagics(Magics):
-    """The ``%sandbox`` / ``%%sandbox`` magics. Settings (``%config SandboxMagics``)."""
+class SandboxMagics(Magics, RuntimeDefaults):
+    """The ``%sandbox`` / ``%%sandbox`` magics. Settings (``%config SandboxMagics``):
+    ``default_provider``, ``max_concurrent`` and ``default_<option>`` for every runtime option
+    (``default_cpu``, ``default_memory_mb``, ``default_run_timeout_s``, ...)."""
 
     default_provider = Unicode(
         "local", help="provider used when a magic names none (local, docker, modal, daytona)"
     ).tag(config=True)
-    default_image = Unicode(None, allow_none=True, help="default image").tag(config=True)
-    default_cpu = Float(None, allow_none=True, help="default CPU cores").tag(config=True)
-    default_memory_mb = Int(None, allow_none=True, help="default memory in MiB").tag(config=True)
-    default_gpu = Unicode(None, allow_none=True, help="default GPU spec (TYPE[:COUNT])").tag(
-        config=True
-    )
-    default_timeout = Float(None, allow_none=True, help="default sandbox lifetime cap (s)").tag(
-        config=True
-    )
     max_concurrent = Int(8, help="default concurrency of %sandbox run").tag(config=True)
 
     def __init__(self, shell: Any = None, manager_: SandboxManager | None = None, **kwargs: Any):
@@ -159,19 +159,21 @@ class SandboxMagics(Magics):
         self.manager = manager_ or manager()
 
     # ---- helpers -----------------------------------------------------------------------
-    def _resources(self, args: argparse.Namespace) -> dict[str, Any]:
-        defaults = {
-            "image": self.default_image, "cpu": self.default_cpu,
-            "memory_mb": self.default_memory_mb, "gpu": self.default_gpu,
-            "timeout": self.default_timeout,
-        }
-        return {k: (getattr(args, k) if getattr(args, k) is not None else defaults[k])
-                for k in _RESOURCE_KEYS}
-
-    def _validate(self, provider: str, **flat: Any):
+    def _config(self, args: argparse.Namespace):
+        """The runtime config of a magic: the ``default_<option>`` settings that are set, then
+        the options given on the line (``none`` clears a setting)."""
+        values = {opt.name: getattr(self, f"default_{opt.name}") for opt in options.OPTIONS}
+        values = {name: value for name, value in values.items() if value is not None}
+        values.update(options.given(args))
         try:
-            return validate_launch(provider, **flat)
-        except (ValueError, TypeError) as err:
+            return options.config_from_options(values)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+
+    def _validate(self, provider: str, config: Any):
+        try:
+            return validate_launch(provider, config=config)
+        except ConfigError as err:
             raise UsageError(str(err)) from None
 
     # ---- entry point -------------------------------------------------------------------
@@ -181,18 +183,22 @@ class SandboxMagics(Magics):
 
         Line magic::
 
-          %sandbox launch [PROVIDER] [--name NAME] [--image IMG] [--cpu N] [--memory-mb N]
-                          [--gpu TYPE[:COUNT]] [--timeout S]
+          %sandbox launch [PROVIDER] [--name NAME] [runtime options]
           %sandbox ls
           %sandbox stop NAME | --all
           %sandbox providers
           %sandbox run TASKSET --agent AGENT [--runtime PROVIDER] [--max-concurrent N]
-                       [--repeats N] [--limit N] [--journal PATH] [-o VAR] [resource options]
+                       [--repeats N] [--limit N] [--rollout-timeout SECONDS] [--journal PATH]
+                       [-o VAR] [runtime options]
 
         Cell magic (runs the cell in a sandbox: Python in its persistent namespace, or a shell
         script with --bash; output streams live; Kernel > Interrupt cancels it remotely)::
 
-          %%sandbox [NAME | PROVIDER [resource options]] [--bash] [-o VAR]
+          %%sandbox [NAME | PROVIDER [runtime options]] [--bash] [-o VAR]
+
+        Runtime options (the same in ``sandboxnb run`` and the launcher widget; a value
+        ``none`` means no limit for a limit, the provider's default otherwise)::
+
         """
         remember_kernel_loop()
         if cell is not None:
@@ -205,12 +211,17 @@ class SandboxMagics(Magics):
             )
         return getattr(self, f"_cmd_{args.command}")(args)
 
+    sandbox.__doc__ = (sandbox.__doc__ or "").rstrip() + "\n\n" + "".join(
+        f"          {opt.flag} {opt.metavar}  ({opt.path}) {opt.help}\n" for opt in options.OPTIONS
+    )
+
     # ---- subcommands -------------------------------------------------------------------
     def _cmd_launch(self, args: argparse.Namespace) -> None:
         provider = args.provider or self.default_provider
+        config = self._config(args)
         try:
-            record = self.manager.prepare(provider, args.name, **self._resources(args))
-        except (ValueError, TypeError) as err:
+            record = self.manager.prepare(provider, args.name, config=config)
+        except ConfigError as err:
             raise UsageError(str(err)) from None
         self.manager.start(record)
         self.manager.wait_ready(record)
@@ -274,9 +285,8 @@ class SandboxMagics(Magics):
             args.taskset != "humaneval" else args.taskset
         agent = ns.get(args.agent, args.agent) if args.agent.isidentifier() and \
             args.agent != "oracle" else args.agent
-        flat = {k: v for k, v in self._resources(args).items() if v is not None}
-        self._validate(runtime, **flat)
-        from sandboxnb.config import config_from_flat
+        config = self._config(args)
+        self._validate(runtime, config)
 
         try:
             tasks = Taskset.load(taskset_arg)
@@ -288,9 +298,9 @@ class SandboxMagics(Magics):
 
         async def go() -> Any:
             run = start(
-                tasks, agent, runtime, config=config_from_flat(**flat),
+                tasks, agent, runtime, config=config,
                 max_concurrent=args.max_concurrent or self.max_concurrent,
-                repeats=args.repeats, timeout_s=args.rollout_timeout,
+                repeats=args.repeats, timeout_s=args.rollout_timeout_s,
                 journal=args.journal or "auto",
             )
             holder["run"] = run
@@ -322,11 +332,12 @@ class SandboxMagics(Magics):
             raise UsageError(f"-o {args.output!r}: expected a Python variable name")
         target = args.target
         record = self.manager.get(target) if target else None
-        given = {k: getattr(args, k) for k in _RESOURCE_KEYS if getattr(args, k) is not None}
+        given = options.given(args)
         if record is not None:
             if given:
+                flags = ", ".join(options.option(name).flag for name in given)
                 raise UsageError(
-                    f"%%sandbox {target}: resource options ({', '.join(given)}) apply only to a "
+                    f"%%sandbox {target}: runtime options ({flags}) apply only to a "
                     f"fresh sandbox; {target} is already running with its own config"
                 )
             oneshot = None
@@ -340,7 +351,7 @@ class SandboxMagics(Magics):
                     f"running: {', '.join(self.manager.names()) or 'none'}; providers: "
                     f"{', '.join(provider_names())} (start one with %sandbox launch)"
                 )
-            _, config = self._validate(provider, **self._resources(args))
+            _, config = self._validate(provider, self._config(args))
             oneshot = (provider, config)
 
         streamer = _Streamer()

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxnb.config import RuntimeConfig, config_from_flat
+from sandboxnb.errors import ConfigError, SandboxnbError, StartupTimeout
 from sandboxnb.notebook.loop import Job, run_blocking, submit, wait_finished
+from sandboxnb.options import OPTIONS, Option
 
 __all__ = [
     "SandboxManager",
@@ -34,15 +36,18 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def validate_launch(provider: str, **flat: Any) -> tuple[Any, RuntimeConfig]:
-    """Resolve the provider and build the effective config; raise before anything starts.
+def validate_launch(
+    provider: str, config: RuntimeConfig | None = None, **flat: Any
+) -> tuple[Any, RuntimeConfig]:
+    """Resolve the provider and build the effective config (``config`` with the flat runtime
+    options applied); raise before anything starts.
 
-    Raises :class:`ValueError` for an unknown provider and :class:`ConfigError` (naming field,
-    value and what is accepted) for a bad or unsupported option.
+    Raises :class:`ConfigError` (naming field, value and what is accepted) for an unknown
+    provider or a bad or unsupported option.
     """
     from sandboxnb.providers import get_provider
 
-    config = config_from_flat(**flat)
+    config = config_from_flat(config, **flat)
     instance = get_provider(provider)
     return instance, instance.check(config)
 
@@ -84,10 +89,12 @@ class SandboxRecord:
 
     def summary(self) -> dict[str, Any]:
         """A flat row for tables."""
-        cfg = self.effective_config
-        shown = {k: v for k, v in cfg.summary().items() if v is not None}
-        if cfg.limits.run_timeout_s:
-            shown["timeout"] = cfg.limits.run_timeout_s
+        config, defaults = self.effective_config, RuntimeConfig()
+        shown = {}
+        for opt in OPTIONS:  # what differs from the config defaults, by option name
+            value = _value_at(config, opt)
+            if value != _value_at(defaults, opt):
+                shown[opt.name] = "none" if value is None else str(value)
         return {
             "name": self.name,
             "provider": self.provider,
@@ -97,6 +104,13 @@ class SandboxRecord:
             "state": self.state,
             "error": self.error or "",
         }
+
+
+def _value_at(config: RuntimeConfig, opt: Option) -> Any:
+    value: Any = config
+    for part in opt.path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 class SandboxManager:
@@ -142,19 +156,20 @@ class SandboxManager:
             n += 1
         return f"{prefix}{n}"
 
-    def prepare(self, provider: str, name: str | None = None, **flat: Any) -> SandboxRecord:
-        """Validate everything and reserve the name; nothing starts. Raises ValueError."""
+    def prepare(self, provider: str, name: str | None = None, *,
+                config: RuntimeConfig | None = None, **flat: Any) -> SandboxRecord:
+        """Validate everything and reserve the name; nothing starts. Raises ConfigError."""
         if name is not None and not _NAME.match(name):
-            raise ValueError(
+            raise ConfigError(
                 f"name = {name!r} is not a valid Python identifier (it becomes a variable); "
                 "use letters, digits and underscores, e.g. --name sb1"
             )
-        _, config = validate_launch(provider, **flat)
+        _, config = validate_launch(provider, config, **flat)
         with self._lock:
             if name is None:
                 name = self.free_name()
             elif self.get(name) is not None:
-                raise ValueError(
+                raise ConfigError(
                     f"a sandbox named {name!r} is already running; pick another name "
                     f"or stop it first (%sandbox stop {name})"
                 )
@@ -191,7 +206,7 @@ class SandboxManager:
             record.state, record.error = "failed", f"{type(error).__name__}: {error}"
         else:
             record.state = "stopped"
-        _resolve(record.ready, error=error or RuntimeError(
+        _resolve(record.ready, error=error or SandboxnbError(
             f"sandbox {record.name} was stopped before it was ready"))
         self._changed()
 
@@ -199,13 +214,13 @@ class SandboxManager:
         """Block until ``record`` is running; re-raise its launch error. Interrupt cancels it."""
         job = record.job
         if job is None:
-            raise RuntimeError(f"sandbox {record.name} was never started")
+            raise SandboxnbError(f"sandbox {record.name} was never started")
 
         async def until_ready() -> None:
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(record.ready)), timeout)
             except TimeoutError:
-                raise TimeoutError(f"sandbox {record.name} not ready after {timeout} s") from None
+                raise StartupTimeout(f"sandbox {record.name} not ready after {timeout} s") from None
             except asyncio.CancelledError:  # interrupted: give the sandbox back first
                 job.cancel()
                 await wait_finished(job, 30)

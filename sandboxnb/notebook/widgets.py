@@ -17,10 +17,12 @@ from typing import Any
 
 import ipywidgets as w
 
-from sandboxnb.notebook.form import LauncherController
+from sandboxnb.errors import ConfigError
+from sandboxnb.notebook.form import FORM_FIELDS, LauncherController
 from sandboxnb.notebook.loop import remember_kernel_loop
 from sandboxnb.notebook.monitor_state import MonitorState
 from sandboxnb.notebook.reprs import format_age, reward_histogram_svg, table_html
+from sandboxnb.options import OPTIONS, Option
 
 __all__ = ["Launcher", "Monitor"]
 
@@ -32,10 +34,33 @@ def _row(label: str, widget: w.Widget, error: w.HTML) -> w.HBox:
     return w.HBox([w.Label(label, layout=_LABEL), widget, error])
 
 
+def _placeholder(opt: Option) -> str:
+    if opt.default is None:
+        return opt.none_means
+    return f"{opt.default_text} (none: {opt.none_means})"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 class Launcher(w.VBox):
-    """Form to start sandboxes plus a live table of running ones (each with a Stop button)."""
+    """Form to start sandboxes plus a live table of running ones (each with a Stop button).
+
+    One text field per runtime option (:data:`sandboxnb.options.OPTIONS`), in ``fields`` by
+    option name; an empty field leaves the option to its default, ``none`` sets it to None.
+    ``defaults`` pre-fill the provider and any field (``cpu=1, memory_mb=512``).
+    """
 
     def __init__(self, controller: LauncherController | None = None, **defaults: Any) -> None:
+        unknown = sorted(set(defaults) - set(FORM_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"launcher({', '.join(unknown)}=...): not a launcher field; accepted: "
+                f"{', '.join(FORM_FIELDS)}"
+            )
         remember_kernel_loop()  # built in a cell: the loop running here is the kernel's
         self.controller = controller or LauncherController()
         options = []
@@ -45,15 +70,12 @@ class Launcher(w.VBox):
         available = [r["provider"] for r in self.controller.providers if r["available"]]
         first = defaults.get("provider") or (available[0] if available else options[0][1])
         self.provider = w.Dropdown(options=options, value=first)
-        self.image = w.Text(value=defaults.get("image") or "", placeholder="provider default")
-        self.cpu = w.FloatText(value=defaults.get("cpu", 1.0))
-        self.memory_mb = w.IntText(value=defaults.get("memory_mb", 512))
-        self.gpu_type = w.Text(value=defaults.get("gpu_type") or "", placeholder="none, e.g. A10G")
-        self.gpu_count = w.IntText(value=defaults.get("gpu_count", 1))
-        self.timeout = w.FloatText(value=defaults.get("timeout") or 0.0)
-        self.errors = {name: w.HTML("") for name in
-                       ("provider", "image", "cpu", "memory_mb", "gpu_type", "gpu_count",
-                        "timeout")}
+        self.fields: dict[str, w.Text] = {
+            opt.name: w.Text(value=_text(defaults.get(opt.name)), placeholder=_placeholder(opt),
+                             tooltip=f"{opt.flag}: {opt.help}")
+            for opt in OPTIONS
+        }
+        self.errors = {name: w.HTML("") for name in FORM_FIELDS}
         self.launch_button = w.Button(description="Launch", button_style="primary", icon="play")
         self.launch_button.add_class("sandboxnb-launch")
         self.status = w.HTML("")
@@ -65,12 +87,7 @@ class Launcher(w.VBox):
         self._last: Any = None
         form = [
             _row("provider", self.provider, self.errors["provider"]),
-            _row("image", self.image, self.errors["image"]),
-            _row("CPU cores", self.cpu, self.errors["cpu"]),
-            _row("memory (MiB)", self.memory_mb, self.errors["memory_mb"]),
-            _row("GPU type", self.gpu_type, self.errors["gpu_type"]),
-            _row("GPU count", self.gpu_count, self.errors["gpu_count"]),
-            _row("timeout (s, 0=none)", self.timeout, self.errors["timeout"]),
+            *(_row(name, field, self.errors[name]) for name, field in self.fields.items()),
         ]
         super().__init__([*form, w.HBox([self.launch_button, self.status]), self.table])
         self._on_provider()
@@ -79,11 +96,9 @@ class Launcher(w.VBox):
 
     # ---- form --------------------------------------------------------------------------
     def values(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider.value, "image": self.image.value, "cpu": self.cpu.value,
-            "memory_mb": self.memory_mb.value, "gpu_type": self.gpu_type.value,
-            "gpu_count": self.gpu_count.value, "timeout": self.timeout.value,
-        }
+        """``{form field: value}``: the provider and the text of every option field."""
+        return {"provider": self.provider.value,
+                **{name: field.value for name, field in self.fields.items()}}
 
     def _on_provider(self, *_: Any) -> None:
         info = self.controller.provider_info(self.provider.value) or {}
@@ -155,7 +170,9 @@ class Launcher(w.VBox):
         return row
 
     def close(self) -> None:
-        self._unsubscribe()
+        unsubscribe = getattr(self, "_unsubscribe", None)  # None: refused in __init__
+        if unsubscribe is not None:
+            unsubscribe()
         super().close()
 
 

@@ -1,0 +1,278 @@
+"""One vocabulary of runtime options for every front end, derived from :class:`RuntimeConfig`.
+
+Each leaf field of the config is one :class:`Option` in :data:`OPTIONS`: its name is the field's
+own name (the keyword of :func:`~sandboxnb.config.config_from_flat` and of the launcher's form),
+its flag is that name with dashes and without the ``_s`` (seconds) suffix, its help is the
+field's description, and its path is where it lives in the config:
+
+====================  ===========================  =====================
+name                  path                         flag
+====================  ===========================  =====================
+``image``             ``image``                    ``--image``
+``cpu``               ``resources.cpu``            ``--cpu``
+``memory_mb``         ``resources.memory_mb``      ``--memory-mb``
+``disk_mb``           ``resources.disk_mb``        ``--disk-mb``
+``gpu``               ``resources.gpu``            ``--gpu``
+``startup_timeout_s`` ``limits.startup_timeout_s`` ``--startup-timeout``
+``run_timeout_s``     ``limits.run_timeout_s``     ``--run-timeout``
+``idle_timeout_s``    ``limits.idle_timeout_s``    ``--idle-timeout``
+====================  ===========================  =====================
+
+The CLI (``sandboxnb run``), the magics (``%sandbox launch``/``run``, ``%%sandbox``) and the
+launcher widget declare their runtime options from this table and turn what was given into a
+config with :func:`config_from_options`, so a word means the same thing everywhere and a new
+config field appears in all three by itself.
+
+Text values (flags, form fields) go through :meth:`Option.parse`: ``none`` means ``None``, which
+is no limit for a limit and the provider's default for anything else; a bad value raises
+:class:`~sandboxnb.errors.ConfigError` naming the field, the value and what is accepted.
+
+The per-rollout deadline is an engine option, not a config field: ``--rollout-timeout``
+(:func:`add_rollout_timeout`), the same in the CLI and the magics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from sandboxnb.config import FLAT_FIELDS, RuntimeConfig, merge_config, overrides_from_flat
+from sandboxnb.errors import ConfigError
+
+__all__ = [
+    "OPTIONS",
+    "ROLLOUT_TIMEOUT_FLAG",
+    "Option",
+    "add_removed_timeout",
+    "add_rollout_timeout",
+    "add_runtime_arguments",
+    "config_from_options",
+    "given",
+    "option",
+    "parse_seconds",
+]
+
+#: Title of the argparse group that holds the runtime options (tests look for it).
+GROUP_TITLE = "runtime options"
+#: The engine's per-rollout deadline flag (CLI and magics); ``timeout_s`` of ``sandboxnb.run``.
+ROLLOUT_TIMEOUT_FLAG = "--rollout-timeout"
+
+_NONE_MEANS = {"limits": "no limit"}
+_NONE_DEFAULT = "the provider's default"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One runtime option: a leaf field of :class:`RuntimeConfig` as every front end shows it."""
+
+    name: str  #: flat name: the field's own name (``memory_mb``)
+    path: str  #: dotted config path (``resources.memory_mb``)
+    flag: str  #: command-line flag (``--memory-mb``)
+    kind: type  #: what text is converted to before validation: ``float``, ``int`` or ``str``
+    description: str  #: the pydantic field description
+    default: Any  #: the config's default (``None``: unset)
+    none_means: str  #: what ``None`` (``none``) means for this field
+    bound: str = ""  #: the numeric bound, e.g. ``"> 0"``
+
+    @property
+    def metavar(self) -> str:
+        if self.name.endswith("_s"):
+            return "SECONDS"
+        if self.name.endswith("_mb"):
+            return "MIB"
+        return "N" if self.kind in (int, float) else self.name.upper()
+
+    @property
+    def accepted(self) -> str:
+        """What a value may be, for error messages."""
+        if self.kind is float:
+            what = f"a number {self.bound}".rstrip()
+        elif self.kind is int:
+            what = f"an integer {self.bound}".rstrip()
+        else:
+            what = self.description
+        return f"{what}, or none ({self.none_means})"
+
+    @property
+    def default_text(self) -> str:
+        if self.default is None:
+            return self.none_means
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+    @property
+    def help(self) -> str:
+        text = self.description
+        if self.default is not None:
+            text += f"; default {self.default_text}"
+        return f"{text}; none: {self.none_means}"
+
+    def parse(self, value: Any) -> Any:
+        """A flag's or form field's value -> the field's value (``"none"`` -> ``None``),
+        validated against the config model. Raises :class:`ConfigError` naming the field, the
+        value and what is accepted."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.lower() == "none":
+                return None
+            if self.kind is str:
+                value = text
+            else:
+                try:
+                    number = self.kind(text)
+                except ValueError:
+                    number = None
+                if number is None or not math.isfinite(number):
+                    raise ConfigError(f"{self.path} = {value!r}: expected {self.accepted}")
+                value = number
+        if value is not None:
+            config_from_options({self.name: value})  # the model's own checks, e.g. > 0
+        return value
+
+
+def _value_kind(annotation: Any) -> type:
+    """``float | None`` -> float; a structured value such as ``GPU | None`` is given as text."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (
+        annotation,
+    )
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) == 1 and kinds[0] in (float, int, str):
+        return kinds[0]
+    return str
+
+
+def _bound(metadata: list[Any]) -> str:
+    for item in metadata:
+        for attr, sign in (("gt", ">"), ("ge", ">=")):
+            value = getattr(item, attr, None)
+            if value is not None:
+                return f"{sign} {value}"
+    return ""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def _build() -> tuple[Option, ...]:
+    found = []
+    for name, path in FLAT_FIELDS.items():
+        model: type[BaseModel] = RuntimeConfig
+        for group in path[:-1]:
+            model = model.model_fields[group].annotation
+        info = model.model_fields[name]
+        if not info.description:
+            raise ConfigError(f"RuntimeConfig field {'.'.join(path)} has no description")
+        found.append(Option(
+            name=name,
+            path=".".join(path),
+            flag=_flag(name),
+            kind=_value_kind(info.annotation),
+            description=info.description,
+            default=info.default,
+            none_means=_NONE_MEANS.get(path[0], _NONE_DEFAULT),
+            bound=_bound(info.metadata),
+        ))
+    return tuple(found)
+
+
+#: Every runtime option, in config order.
+OPTIONS: tuple[Option, ...] = _build()
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+def option(name: str) -> Option:
+    """The option called ``name`` (``"memory_mb"``)."""
+    if name not in _BY_NAME:
+        raise ConfigError(
+            f"unknown runtime option {name!r}; accepted: {', '.join(_BY_NAME)}"
+        )
+    return _BY_NAME[name]
+
+
+def config_from_options(
+    values: Mapping[str, Any], base: RuntimeConfig | None = None
+) -> RuntimeConfig:
+    """Apply ``values`` (option name -> value) to ``base``: every key given is applied, and
+    ``None`` clears its field (no limit, or the provider's default). Raises :class:`ConfigError`."""
+    return merge_config(base, overrides_from_flat(values))
+
+
+# ---- argparse: the CLI and the magics ---------------------------------------------------------
+def _argparse_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as err:  # argparse shows it as "argument --flag: <message>"
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> Any:
+    """Add one flag per :data:`OPTIONS` entry, in a group of its own. A flag not given is absent
+    from the parsed namespace (see :func:`given`), so it never overrides a default."""
+    group = parser.add_argument_group(
+        GROUP_TITLE, "the sandbox's config; 'none' sets a field to None"
+    )
+    for opt in OPTIONS:
+        group.add_argument(
+            opt.flag, dest=opt.name, type=_argparse_type(opt.parse, opt.name),
+            default=argparse.SUPPRESS, metavar=opt.metavar, help=opt.help.replace("%", "%%"),
+        )
+    add_removed_timeout(parser)
+    return group
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The runtime options present in ``args`` (``None`` where ``none`` was given)."""
+    return {opt.name: getattr(args, opt.name) for opt in OPTIONS if hasattr(args, opt.name)}
+
+
+def parse_seconds(value: Any, name: str = "timeout_s") -> float | None:
+    """A number of seconds > 0, or ``none``/``None`` (no deadline)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{name} = {value!r}: expected a number of seconds > 0, or none")
+    return seconds
+
+
+def add_rollout_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--rollout-timeout``: the engine's per-rollout deadline (``timeout_s``), parsed into
+    ``args.rollout_timeout_s``."""
+    parser.add_argument(
+        ROLLOUT_TIMEOUT_FLAG, dest="rollout_timeout_s", default=None, metavar="SECONDS",
+        type=_argparse_type(lambda text: parse_seconds(text, "rollout_timeout_s"), "seconds"),
+        help="per-rollout deadline in seconds for task setup, agent and grading once the sandbox "
+             "is up (the row's status becomes 'timeout'); an engine option, not a sandbox limit "
+             "(see --run-timeout); none: no deadline (the default)",
+    )
+
+
+class _Removed(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(
+            f"{option_string} is ambiguous and no longer accepted: use --run-timeout SECONDS "
+            f"(sandbox lifetime cap, limits.run_timeout_s) or {ROLLOUT_TIMEOUT_FLAG} SECONDS "
+            "(per-rollout deadline of a run)"
+        )
+
+
+def add_removed_timeout(parser: argparse.ArgumentParser) -> None:
+    """A hidden ``--timeout`` that fails with a pointer to the two options it could mean."""
+    if "--timeout" not in parser._option_string_actions:
+        parser.add_argument("--timeout", action=_Removed, nargs="?", default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
