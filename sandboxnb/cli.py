@@ -1,4 +1,4 @@
-"""Command line: ``sandboxnb run``, ``providers`` and ``gc``, thin over the Python API.
+"""Command line: ``sandboxnb run``, ``providers``, ``doctor`` and ``gc``, thin over the Python API.
 
 The runtime options of ``sandboxnb run`` (``--cpu``, ``--run-timeout``, ...) come from
 :mod:`sandboxnb.options`, the table the magics and the launcher widget use too.
@@ -43,6 +43,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("providers", help="list providers: installed, configured, what each supports")
 
+    doctor = sub.add_parser(
+        "doctor", help="live check of a provider: create, exec, files, limits, teardown, latency"
+    )
+    doctor.add_argument("provider", help="provider name (see `sandboxnb providers`)")
+    options.add_runtime_arguments(doctor)
+
     gc = sub.add_parser(
         "gc", help="find (and with --delete, release) this user's sandboxes left on a backend"
     )
@@ -56,11 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _providers_table() -> str:
     from sandboxnb.providers import describe_providers
 
-    lines = [f"{'provider':<10} {'status':<12} supports / reason"]
+    lines = [f"{'provider':<10} {'status':<12} transport / supports / reason"]
     for row in describe_providers():
         status = "available" if row["available"] else "unavailable"
         detail = row["supports"] if row["available"] else f"{row['reason']} | {row['supports']}"
-        lines.append(f"{row['provider']:<10} {status:<12} {detail}")
+        via = f"via {row['transport']} | " if row["transport"] else ""
+        lines.append(f"{row['provider']:<10} {status:<12} {via}{detail}")
     return "\n".join(lines)
 
 
@@ -88,6 +95,14 @@ async def _gc_command(args: argparse.Namespace) -> int:
     if found_any and not args.delete:
         print("run `sandboxnb gc --delete` to release them")
     return 0
+
+
+async def _doctor_command(args: argparse.Namespace) -> int:
+    from sandboxnb.doctor import doctor
+
+    report = await doctor(args.provider, options.config_from_options(options.given(args)))
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 async def _run_command(args: argparse.Namespace) -> int:
@@ -139,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sandboxnb.agents import AgentError
     from sandboxnb.tasks import TaskError
 
-    command = _gc_command if args.command == "gc" else _run_command
+    commands = {"gc": _gc_command, "doctor": _doctor_command, "run": _run_command}
+    command = commands[args.command]
     try:
         return asyncio.run(command(args))
     except (

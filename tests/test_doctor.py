@@ -33,3 +33,15 @@ async def test_a_provider_whose_server_never_starts_fails_with_the_reason():
 async def test_an_unknown_provider_is_refused_before_anything_starts():
     with pytest.raises(ConfigError, match="not a known provider"):
         await doctor("nonesuch")
+
+
+def test_the_cli_prints_the_report_and_exits_nonzero_on_failure(tmp_path):
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "sandboxnb", "doctor", "local"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "local is healthy" in ok.stdout, ok.stdout + ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "sandboxnb", "doctor", "local", "--gpu", "H100"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "local does not support resources.gpu" in bad.stdout + bad.stderr

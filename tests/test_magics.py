@@ -262,3 +262,15 @@ def test_rich_displays_are_registered_by_the_extension(ip):
         assert "text/html" not in data
     finally:
         ip.run_line_magic("load_ext", "sandboxnb")  # the fixture unloads it again
+
+
+def test_doctor_checks_a_provider_live(ip, capsys):
+    ip.run_line_magic("sandbox", "doctor local")
+    out = capsys.readouterr().out
+    assert "local is healthy" in out and "[ok  ] teardown" in out
+    assert ip.user_ns["_sandbox_doctor"].ok
+
+
+def test_doctor_refuses_a_bad_option_before_anything_starts(ip):
+    with pytest.raises(UsageError, match=r"local does not support resources\.disk_mb"):
+        ip.run_line_magic("sandbox", "doctor local --disk-mb 1024")

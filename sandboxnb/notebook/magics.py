@@ -50,6 +50,10 @@ def _line_parser() -> _Parser:
     stop.add_argument("--all", action="store_true", help="stop every interactive sandbox")
     sub.add_parser("providers", prog="%sandbox providers",
                    help="installed providers, what they support, why one is unavailable")
+    doctor = sub.add_parser("doctor", prog="%sandbox doctor",
+                            help="live check of a provider: create, exec, files, limits, teardown")
+    doctor.add_argument("provider", nargs="?", help="provider name (default: the configured one)")
+    options.add_runtime_arguments(doctor)
     run = sub.add_parser("run", prog="%sandbox run", help="run a taskset with an agent")
     run.add_argument("taskset", help="'humaneval', a .json/.jsonl path or a variable name")
     run.add_argument("--agent", required=True,
@@ -187,6 +191,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
           %sandbox ls
           %sandbox stop NAME | --all
           %sandbox providers
+          %sandbox doctor [PROVIDER] [runtime options]
           %sandbox run TASKSET --agent AGENT [--runtime PROVIDER] [--max-concurrent N]
                        [--repeats N] [--limit N] [--rollout-timeout SECONDS] [--journal PATH]
                        [-o VAR] [runtime options]
@@ -206,7 +211,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
         args = LINE_PARSER.parse_argstring(line)
         if args.command is None:
             raise UsageError(
-                "%sandbox needs a subcommand: launch, ls, stop, providers or run "
+                "%sandbox needs a subcommand: launch, ls, stop, providers, doctor or run "
                 "(e.g. %sandbox launch local; see %sandbox?)"
             )
         return getattr(self, f"_cmd_{args.command}")(args)
@@ -265,6 +270,16 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
     def _cmd_providers(self, args: argparse.Namespace) -> ProvidersTable:
         return ProvidersTable(provider_rows())
+
+    def _cmd_doctor(self, args: argparse.Namespace) -> Any:
+        from sandboxnb.doctor import doctor
+
+        runtime = args.provider or self.default_provider
+        config = self._config(args)
+        self._validate(runtime, config)
+        report = run_blocking(doctor(runtime, config))
+        print(report.text())
+        self.shell.user_ns["_sandbox_doctor"] = report
 
     def _cmd_run(self, args: argparse.Namespace) -> Any:
         from IPython.display import display
