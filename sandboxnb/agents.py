@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sandboxnb.errors import SandboxnbError
+
 if TYPE_CHECKING:
     from sandboxnb.client import Sandbox
     from sandboxnb.tasks import Task
@@ -35,7 +37,7 @@ def current_repeat() -> int:
     return _REPEAT.get()
 
 
-class AgentError(ValueError):
+class AgentError(SandboxnbError, ValueError):
     """An agent could not be resolved or did not follow the agent contract."""
 
 

@@ -74,7 +74,7 @@ def expand(
             config = provider.check(task.effective_config(base))
         except ConfigError as err:
             if task.runtime:  # name the task whose overrides made the config invalid
-                err.args = (f"task {task.id!r}: {err}",)
+                raise ConfigError(f"task {task.id!r}: {err}") from err
             raise
         planned += [
             PlannedRollout(task, repeat, config)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
+from sandboxnb.errors import SandboxnbError
 
 if TYPE_CHECKING:
     from sandboxnb.client import Sandbox
@@ -38,7 +39,7 @@ __all__ = ["Grade", "Task", "TaskError", "Taskset"]
 ANSWER_FILE = ".sandboxnb_answer"
 
 
-class TaskError(ValueError):
+class TaskError(SandboxnbError, ValueError):
     """A task or taskset definition is invalid."""
 
 

@@ -397,3 +397,47 @@ def test_humaneval_all_164_with_oracle_on_daytona(tmp_path):
     assert sum(1 for r in rows if r["status"] == "ok" and r["reward"] == 1) == 164, [
         (r["task_id"], r["status"], r["error"]) for r in rows if r["reward"] != 1][:5]
     print(f"humaneval on emulated daytona: 164/164 in {elapsed:.1f}s")
+
+
+HOLD_A_SANDBOX = """
+import asyncio
+from sandboxnb.providers.daytona import DaytonaProvider
+
+async def main():
+    provider = DaytonaProvider()
+    try:
+        async with provider.sandbox() as endpoint:
+            print("ready", endpoint.sandbox_id, flush=True)
+            await asyncio.sleep(3600)
+    finally:
+        await provider.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def test_ctrl_c_in_a_script_releases_the_sandbox(emu):
+    """The SDK's Socket.IO client must not take SIGINT away from us: Ctrl-C ends the script
+    through asyncio's own path, which releases the sandbox."""
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_A_SANDBOX, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(120):
+            line = (await proc.stdout.readline()).decode()
+        assert line.startswith("ready"), line + (await proc.stderr.read()).decode()[-2000:]
+        assert len(emu.live_sandboxes()) == 1
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+        # asyncio's own Ctrl-C path (not a foreign handler that cancels everything, releases
+        # included, and stops the loop)
+        assert err.decode().rstrip().endswith("KeyboardInterrupt"), err.decode()[-2000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await wait_until_async(lambda: not emu.live_sandboxes(), 30, "the sandbox was released")
