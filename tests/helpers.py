@@ -1,10 +1,9 @@
 """What the tests share: processes (trees, liveness, command lines; on psutil) and one polling
-helper, :func:`wait_until` (with :func:`wait_until_async` for async tests, which must not block
-their event loop)."""
+helper, :func:`wait_until` (async tests use :func:`wait_until_async`, the public conformance
+suite's own, which sleeps on their event loop)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+
+from sandboxnb.testing.conformance import wait_until as wait_until_async
 
 __all__ = [
     "SERVER_MARKERS",
@@ -34,6 +35,7 @@ T = TypeVar("T")
 SERVER_MARKERS = ("sandboxnb.server", "sandboxnb/server")
 
 
+
 # ---- polling -----------------------------------------------------------------------------------
 def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
     return AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
@@ -51,23 +53,6 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "t
         if time.monotonic() >= deadline:
             raise _timed_out(what, timeout, value)
         time.sleep(interval)
-
-
-async def wait_until_async(
-    predicate: Callable[[], T],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, as in wait_until
-    what: str = "the condition",
-    interval: float = 0.05,
-) -> T:
-    """:func:`wait_until` for async tests: sleeps on the event loop instead of blocking it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise _timed_out(what, timeout, value)
-        await asyncio.sleep(interval)
 
 
 def written(path: Path) -> str:

@@ -88,13 +88,18 @@ async def ask(fn: Callable[[], Any]) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-async def wait_until(predicate: Callable[[], Any], within: float, what: str) -> None:
-    """Poll ``predicate`` (plain or async) until true; fail naming ``what`` after ``within`` s."""
+async def wait_until(predicate: Callable[[], Any], within: float = 10.0,
+                     what: str = "the condition", interval: float = 0.05) -> Any:
+    """Poll ``predicate`` (plain or async) until it returns something truthy and return that;
+    fail naming ``what`` and the last value after ``within`` seconds. Sleeps on the loop."""
     deadline = time.monotonic() + within
-    while not await ask(predicate):
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {within:g}s: {what}")
-        await asyncio.sleep(0.05)
+    while True:
+        value = await ask(predicate)
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {within:g} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 async def server_command_in_sandbox(endpoint: Endpoint, sandbox: Any) -> list[str]:
