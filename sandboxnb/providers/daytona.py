@@ -27,6 +27,7 @@ from sandboxnb.providers.daytona_backend import (
     GPU_TYPES,
     Snapshots,
     daytona_resources,
+    keep_sigint_ours,
     ssh_connect,
     state_of,
 )
@@ -113,7 +114,7 @@ class DaytonaProvider(Provider):
             if self._client is None:
                 from daytona import AsyncDaytona, DaytonaConfig
 
-                _keep_sigint_ours()
+                keep_sigint_ours()
                 key = self._api_key or os.environ.get("DAYTONA_API_KEY")
                 if not key:
                     raise ProviderError(self.availability().reason or "DAYTONA_API_KEY is unset")
@@ -246,14 +247,3 @@ class DaytonaProvider(Provider):
         snaps = self.snapshots
         what = f"snapshot={snaps.snapshot!r}" if snaps.snapshot else f"image={snaps.image!r}"
         return f"<DaytonaProvider {what} target={self.target!r}>"
-
-
-def _keep_sigint_ours() -> None:
-    """The SDK's Socket.IO client (engineio) installs a loop-wide SIGINT handler that cancels
-    every task, our shielded releases included, then stops the loop: Ctrl-C would leak sandboxes
-    and hang. engineio skips installing it once its module flag says one is set."""
-    try:
-        import engineio.async_client as engineio_client
-    except ImportError:
-        return
-    engineio_client.async_signal_handler_set = True

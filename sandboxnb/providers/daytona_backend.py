@@ -129,3 +129,14 @@ async def ssh_connect(sandbox: Any, minutes: int) -> Any:
     except (OSError, asyncssh.Error) as err:
         raise ProviderError(f"daytona: SSH gateway {host}:{port} refused the connection: "
                             f"{type(err).__name__}") from None
+
+
+def keep_sigint_ours() -> None:
+    """The SDK's Socket.IO client (engineio) installs a loop-wide SIGINT handler that cancels
+    every task, our shielded releases included, then stops the loop: Ctrl-C would leak sandboxes
+    and hang. engineio skips installing it once its module flag says one is set."""
+    try:
+        import engineio.async_client as engineio_client
+    except ImportError:
+        return
+    engineio_client.async_signal_handler_set = True
