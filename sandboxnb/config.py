@@ -33,6 +33,15 @@ __all__ = [
 _GPU_SPEC = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.\-]*)\s*(?::\s*(\d+))?\s*$")
 
 
+#: Upper bounds of every field: each limit has one (an infinite or absurd value is refused
+#: before anything starts, instead of overflowing a backend call later).
+MAX_CPU = 1024.0
+MAX_GPUS = 64
+MAX_MEMORY_MB = 16 * 1024 * 1024  # 16 TiB
+MAX_DISK_MB = 64 * 1024 * 1024  # 64 TiB
+MAX_SECONDS = 30 * 24 * 3600.0  # 30 days
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -41,7 +50,7 @@ class GPU(_Model):
     """A GPU request: a type such as ``"H100"`` and a count; also ``"H100"`` or ``"A10G:2"``."""
 
     type: str = Field(min_length=1)
-    count: int = Field(1, ge=1)
+    count: int = Field(1, ge=1, le=MAX_GPUS)
 
     @model_validator(mode="before")
     @classmethod
@@ -63,9 +72,10 @@ class GPU(_Model):
 class Resources(_Model):
     """Compute resources. ``None`` means the provider's default."""
 
-    cpu: float | None = Field(None, gt=0, description="CPU cores (fractions allowed)")
-    memory_mb: int | None = Field(None, gt=0, description="memory limit in MiB")
-    disk_mb: int | None = Field(None, gt=0, description="disk size in MiB")
+    cpu: float | None = Field(
+        None, ge=0.01, le=MAX_CPU, description="CPU cores (fractions allowed)")
+    memory_mb: int | None = Field(None, ge=4, le=MAX_MEMORY_MB, description="memory limit in MiB")
+    disk_mb: int | None = Field(None, ge=1, le=MAX_DISK_MB, description="disk size in MiB")
     gpu: GPU | None = Field(None, description="GPU: TYPE or TYPE:COUNT, e.g. H100 or A10G:2")
 
 
@@ -73,13 +83,14 @@ class Limits(_Model):
     """Time limits, in seconds. ``None`` means no limit (or the provider's default)."""
 
     startup_timeout_s: float | None = Field(
-        60.0, gt=0, description="acquire-to-ready deadline in seconds"
+        60.0, gt=0, le=MAX_SECONDS, description="acquire-to-ready deadline in seconds"
     )
     run_timeout_s: float | None = Field(
-        None, gt=0, description="sandbox lifetime cap in seconds: the sandbox is ended then"
+        None, gt=0, le=MAX_SECONDS,
+        description="sandbox lifetime cap in seconds: the sandbox is ended then"
     )
     idle_timeout_s: float | None = Field(
-        300.0, gt=0,
+        300.0, gt=0, le=MAX_SECONDS,
         description="seconds without a connected client after which the sandbox server exits",
     )
 

@@ -148,12 +148,14 @@ def _value_kind(annotation: Any) -> type:
 
 
 def _bound(metadata: list[Any]) -> str:
+    found = []
     for item in metadata:
-        for attr, sign in (("gt", ">"), ("ge", ">=")):
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("le", "<=")):
             value = getattr(item, attr, None)
             if value is not None:
-                return f"{sign} {value}"
-    return ""
+                shown = int(value) if float(value).is_integer() else value
+                found.append(f"{sign} {shown}")
+    return " and ".join(found)
 
 
 def _flag(name: str) -> str:

@@ -137,9 +137,10 @@ def test_parse_text_values(text, value):
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("cpu", "abc", "resources.cpu = 'abc': expected a number > 0, or none"),
-        ("cpu", "-1", "resources.cpu = -1.0: Input should be greater than 0"),
-        ("memory_mb", "1.5", "resources.memory_mb = '1.5': expected an integer > 0, or none"),
+        ("cpu", "abc", "resources.cpu = 'abc': expected a number >= 0.01 and <= 1024, or none"),
+        ("cpu", "-1", "resources.cpu = -1.0: Input should be greater than or equal to 0.01"),
+        ("memory_mb", "1.5",
+         "resources.memory_mb = '1.5': expected an integer >= 4 and <= 16777216, or none"),
         ("disk_mb", "0", "resources.disk_mb = 0"),
         ("run_timeout_s", "nan", "limits.run_timeout_s = 'nan': expected a number > 0"),
         ("idle_timeout_s", "0", "limits.idle_timeout_s = 0.0"),
@@ -183,7 +184,7 @@ def test_cli_parses_every_option_into_the_config(monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--cpu", "abc"], "argument --cpu: resources.cpu = 'abc': expected a number > 0"),
+        (["--cpu", "abc"], "argument --cpu: resources.cpu = 'abc': expected a number >= 0.01"),
         (["--run-timeout", "0"], "argument --run-timeout: invalid runtime config: "
                                  "limits.run_timeout_s = 0.0"),
         (["--rollout-timeout", "-3"], "argument --rollout-timeout: rollout_timeout_s = '-3'"),

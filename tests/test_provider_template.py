@@ -5,7 +5,10 @@ cancellation during release. Each condition is forced, never left to the machine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 
 import psutil
@@ -14,6 +17,7 @@ import pytest
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.errors import ProviderError, StartupTimeout
 from sandboxnb.providers.base import LaunchSpec
+from sandboxnb.testing.conformance import wait_until
 
 from .shell_provider import DEFAULT_TEMPLATE, ShellProvider
 
@@ -83,7 +87,8 @@ async def test_release_past_its_grace_goes_on_in_the_background(caplog):
         pid = endpoint.meta["pid"]
     assert time.monotonic() - started < 1.0  # bounded by the grace, not the slow destroy
     assert "goes on in the background" in caplog.text
-    await provider.aclose()  # waits for the background release
+    provider.release_grace_s = 10
+    await provider.aclose()  # waits (within its own grace) for the background release
     assert _gone(pid) and not provider._live
 
 
@@ -106,3 +111,55 @@ async def test_cancelled_during_release_still_releases_then_propagates():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert _gone(pid[0]) and not provider._live
+
+
+async def test_a_storm_of_cancellations_still_releases(monkeypatch):
+    """A cancellation at every await point of the exit path, closing the client included (made
+    slow here, as a TLS close over a tunnel is)."""
+    from sandboxnb.client import Sandbox
+
+    real_close = Sandbox.close
+
+    async def slow_close(self) -> None:
+        await asyncio.sleep(0.05)
+        await real_close(self)
+
+    monkeypatch.setattr(Sandbox, "close", slow_close)
+    provider = ShellProvider()
+    entered = asyncio.Event()
+    pids: list[int] = []
+
+    async def use() -> None:
+        async with provider.open() as sb:
+            pids.append(sb.endpoint.meta["pid"])
+            entered.set()
+            await sb.exec(["sleep", "60"])
+
+    task = asyncio.create_task(use())
+    await entered.wait()
+    cancels = 0
+    while not task.done():
+        task.cancel()
+        cancels += 1
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancels > 1
+    assert _gone(pids[0]) and not provider._live
+
+
+async def test_aclose_does_not_wait_forever_for_a_stuck_release(caplog):
+    provider = _SlowDestroy(delay=3600)  # a backend whose destroy never returns
+    provider.release_grace_s = 0.2
+    caplog.set_level(logging.ERROR, "sandboxnb.providers")
+    async with provider.sandbox() as endpoint:
+        pid = endpoint.meta["pid"]
+    started = time.monotonic()
+    await provider.aclose()
+    assert time.monotonic() - started < 5
+    assert "left to `sandboxnb gc`" in caplog.text
+    for task in list(provider._releasing):  # end the stuck release; kill what it held
+        task.cancel()
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    await wait_until(lambda: _gone(pid), 10, "the server was killed")

@@ -74,7 +74,7 @@ def test_provider_dropdown_marks_unavailable_ones():
     ("field", "value", "message"),
     [
         ("cpu", "-1", "resources.cpu"),
-        ("cpu", "abc", "resources.cpu = &#x27;abc&#x27;: expected a number &gt; 0"),
+        ("cpu", "abc", "resources.cpu = &#x27;abc&#x27;: expected a number &gt;= 0.01"),
         ("memory_mb", "0", "resources.memory_mb"),
         ("disk_mb", "1024", "local does not support resources.disk_mb"),
         ("gpu", "A10G", "local does not support resources.gpu"),

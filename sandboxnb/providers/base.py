@@ -151,8 +151,12 @@ class Provider(abc.ABC):
     async def aclose(self) -> None:
         """Release shared resources (clients, pools) after every sandbox is released."""
         pending = list(self._releasing)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not pending:
+            return
+        _, stuck = await asyncio.wait(pending, timeout=self.release_grace_s)
+        if stuck:
+            log.error("%s: %d release(s) still running after %gs; left to `sandboxnb gc`",
+                      self.name, len(stuck), self.release_grace_s)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -229,14 +233,20 @@ class Provider(abc.ABC):
     async def _end(self, state: _Acquired, client: Sandbox | None, *, raise_errors: bool) -> None:
         if state.timer is not None:
             state.timer.cancel()
+        cancelled = False
         if client is not None:
-            await _close_quietly(client)
+            try:  # a cancellation here must not skip the release below
+                await _close_quietly(client)
+            except asyncio.CancelledError:
+                cancelled = True
         try:
             await self._release(state)
         except ProviderError:
-            if raise_errors:
+            if raise_errors and not cancelled:
                 raise
             log.exception("%s: releasing sandbox %s failed", self.name, state.spec.sandbox_id)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _acquire(self, state: _Acquired) -> Sandbox:
         spec = state.spec

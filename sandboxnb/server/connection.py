@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .lifecycle import Server
 
 HANDSHAKE_TIMEOUT_S = 5.0
+#: The shortest silence (no request, no heartbeat) after which a client counts as gone.
+SILENT_CLIENT_S = 30.0
 
 
 class LineReader:
@@ -122,7 +124,11 @@ class Connection:
             if not authed:
                 return
             self.server.client_joined()
-            self._blocking_with_read_timeout(self.server.idle_timeout)
+            idle = self.server.idle_timeout
+            # a client that sends nothing, not even heartbeats, this long is gone; never less
+            # than SILENT_CLIENT_S, so a busy client (heartbeats every few seconds) is never
+            # dropped by a short idle_timeout, which is about no client being connected
+            self._blocking_with_read_timeout(None if idle is None else max(idle, SILENT_CLIENT_S))
             self._serve()
         except Exception as exc:  # never let one connection take the server down
             log(f"connection {self.number}: {type(exc).__name__}: {exc}")
