@@ -219,3 +219,11 @@ def test_sandbox_exits_when_its_owner_process_dies(tmp_path):
                    "the server to exit with its owner", interval=0.1)
     finally:
         proc.kill()
+
+
+async def test_a_short_idle_timeout_never_drops_a_busy_client(provider):
+    """idle_timeout_s is about no client being connected, not about a quiet connected one."""
+    config = RuntimeConfig().merge({"limits": {"idle_timeout_s": 1}})
+    async with provider.open(config) as sb:
+        result = await sb.exec(["sleep", "3"])
+        assert result.exit_code == 0
