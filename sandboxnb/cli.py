@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from sandboxnb import options
 from sandboxnb.errors import ConfigError
@@ -157,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"gc": _gc_command, "doctor": _doctor_command, "run": _run_command}
     command = commands[args.command]
     try:
-        return asyncio.run(command(args))
+        return asyncio.run(_until_signalled(command(args)))
     except (
         ConfigError,
         TaskError,
@@ -168,9 +170,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as err:
         print(f"sandboxnb: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sandboxnb: interrupted; every sandbox was released", file=sys.stderr)
+    except KeyboardInterrupt:  # before the loop took SIGINT over: nothing had started
+        print("sandboxnb: interrupted", file=sys.stderr)
         return 130
+
+
+async def _until_signalled(command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command``; the first SIGINT or SIGTERM cancels it, and every sandbox is released
+    before we return. Further signals do not cut the release short (that is what leaked
+    sandboxes), they only say what is going on."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(command)
+    received: list[str] = []
+
+    def stop(name: str) -> None:
+        received.append(name)
+        if len(received) == 1:
+            print(f"sandboxnb: {name}: stopping; releasing every sandbox...", file=sys.stderr)
+            task.cancel()
+        else:
+            print("sandboxnb: still releasing sandboxes; they are all released before exit "
+                  "(SIGKILL would leave them to `sandboxnb gc`)", file=sys.stderr)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig.name)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        print("sandboxnb: interrupted; sandboxes released (a release that failed is logged "
+              "above, and `sandboxnb gc` finds what it left)", file=sys.stderr)
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":
