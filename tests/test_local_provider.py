@@ -227,3 +227,41 @@ async def test_a_short_idle_timeout_never_drops_a_busy_client(provider):
     async with provider.open(config) as sb:
         result = await sb.exec(["sleep", "3"])
         assert result.exit_code == 0
+
+
+HOLD_NAMESPACED = """
+import asyncio, sys
+from sandboxnb.config import RuntimeConfig
+from sandboxnb.providers.local import LocalProvider
+
+async def main():
+    config = RuntimeConfig().merge({"limits": {"idle_timeout_s": None}})
+    async with LocalProvider(isolation="namespaces").sandbox(config) as endpoint:
+        print(endpoint.sandbox_id, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_namespaced_sandbox_dies_with_its_owner_even_without_idle_timeout():
+    import signal
+    import subprocess
+    import sys
+
+    from .helpers import processes_with, wait_until
+
+    owner = subprocess.Popen([sys.executable, "-c", HOLD_NAMESPACED], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id.startswith("local-")
+        assert processes_with(sandbox_id)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        wait_until(lambda: not processes_with(sandbox_id), 10,
+                   "the namespaced sandbox exited with its killed owner")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

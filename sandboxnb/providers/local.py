@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ log = logging.getLogger("sandboxnb.providers.local")
 
 ISOLATIONS = ("none", "namespaces")
 _TERM_GRACE_S = 2.0
+_PR_SET_PDEATHSIG = 1
 _UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--mount", "--net", "--fork",
             "--mount-proc", "--kill-child=SIGKILL"]
 
@@ -124,6 +126,9 @@ class LocalProvider(Provider):
                 box.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not wait
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
                     cwd=root, env=env, start_new_session=True, close_fds=True, pass_fds=(fd,),
+                    # the namespaced server cannot watch our pid from its own pid namespace:
+                    # unshare gets SIGKILL when we die, and takes the server with it
+                    preexec_fn=_die_with_parent if self.isolation == "namespaces" else None,
                 )
         finally:
             listener.close()  # the server holds its own copy
@@ -192,6 +197,11 @@ class LocalProvider(Provider):
 
     def owner_labels(self, *, session_only: bool = False) -> dict[str, str]:
         return {} if not session_only else {"sandboxnb.session": self.session_id}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started us dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _children(pid: int) -> list[int]:
