@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from sandboxnb.config import FLAT_FIELDS, RuntimeConfig, config_from_flat
+from sandboxnb.config import FLAT_FIELDS, RuntimeConfig, merge_config, overrides_from_flat
 from sandboxnb.errors import ConfigError
 from sandboxnb.providers import Provider, get_provider
 
@@ -32,7 +32,8 @@ def resolve_launch(
             f"{runtime!r} does not accept option(s) {', '.join(provider_options)}: {err}; "
             f"runtime options are {', '.join(FLAT_FIELDS)}"
         ) from None
-    return provider, provider.check(config_from_flat(config, **flat))
+    # a keyword given explicitly as None means None (no limit), as everywhere else
+    return provider, provider.check(merge_config(config, overrides_from_flat(flat)))
 
 
 @asynccontextmanager

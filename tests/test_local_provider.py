@@ -265,3 +265,13 @@ def test_a_namespaced_sandbox_dies_with_its_owner_even_without_idle_timeout():
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+async def test_launch_keywords_given_as_none_mean_no_limit():
+    import sandboxnb
+    from sandboxnb.doctor import server_command_in_sandbox
+
+    async with sandboxnb.launch("local", idle_timeout_s=None, startup_timeout_s=None) as sb:
+        argv = await server_command_in_sandbox(sb)
+    assert argv[argv.index("--idle-timeout") + 1] == "0"
+    assert argv[argv.index("--startup-timeout") + 1] == "0"
