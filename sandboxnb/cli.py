@@ -57,7 +57,10 @@ def _build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--runtime", action="append", help="provider(s) to check (default: all "
                     "available ones)")
     gc.add_argument("--delete", action="store_true",
-                    help="release them (also those in use by a running notebook of yours)")
+                    help="release the ones whose owner process is gone")
+    gc.add_argument("--include-live", action="store_true",
+                    help="also those whose owner process still runs on this host (a live "
+                         "notebook or run of yours)")
     return parser
 
 
@@ -75,6 +78,7 @@ def _providers_table() -> str:
 
 async def _gc_command(args: argparse.Namespace) -> int:
     from sandboxnb.providers import describe_providers, get_provider
+    from sandboxnb.providers.spec import owner_alive
 
     rows = {row["provider"]: row for row in describe_providers()}
     names = args.runtime or [name for name, row in rows.items() if row["available"]]
@@ -88,12 +92,21 @@ async def _gc_command(args: argparse.Namespace) -> int:
     for name in names:
         provider = get_provider(name)
         try:
-            ids = await (provider.reap() if args.delete else provider.live_sandboxes())
+            found = await provider.list_sandboxes(provider.owner_labels())
+            live = [f for f in found if owner_alive(f.labels)]
+            chosen = found if args.include_live else [f for f in found if f not in live]
+            if args.delete:
+                await asyncio.gather(*(provider.destroy(f.handle) for f in chosen))
         finally:
             await provider.aclose()
-        found_any = found_any or bool(ids)
+        found_any = found_any or bool(chosen)
+        ids = [f.sandbox_id for f in chosen]
         verb = "released" if args.delete else "found"
         print(f"{name}: {verb} {len(ids)} sandbox(es)" + (f": {', '.join(ids)}" if ids else ""))
+        if live and not args.include_live:
+            pids = sorted({f.labels.get("sandboxnb.pid", "?") for f in live})
+            print(f"{name}: {len(live)} more in use by running process(es) {', '.join(pids)} "
+                  "(left alone; --include-live takes them too)")
     if found_any and not args.delete:
         print("run `sandboxnb gc --delete` to release them")
     return 0

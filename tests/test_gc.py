@@ -67,3 +67,20 @@ def test_gc_usage_errors():
         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
     )
     assert unavailable.returncode == 2 and "DAYTONA_API_KEY" in unavailable.stderr
+
+
+def test_gc_leaves_the_sandboxes_of_a_running_owner_alone():
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        sandbox_id = owner.stdout.readline().strip()
+        released = _cli("--runtime", "docker", "--delete")
+        assert released.returncode == 0 and sandbox_id not in released.stdout
+        assert f"in use by running process(es) {owner.pid}" in released.stdout
+        assert _containers(sandbox_id), "a live owner's sandbox must not be touched"
+        listed = _cli("--runtime", "docker", "--include-live")
+        assert sandbox_id in listed.stdout
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _cli("--runtime", "docker", "--delete").returncode == 0
+    assert not _containers(sandbox_id)

@@ -33,6 +33,7 @@ __all__ = [
     "TOKEN_ENV",
     "LaunchSpec",
     "make_launch_spec",
+    "owner_alive",
     "owner_label",
     "sandbox_labels",
 ]
@@ -52,6 +53,20 @@ def owner_label() -> str:
     except Exception:
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
+
+
+def owner_alive(labels: Mapping[str, str]) -> bool:
+    """Whether the process that created a sandbox (its labels say which) still runs here."""
+    owner, pid = labels.get(f"{LABEL}.owner", ""), labels.get(f"{LABEL}.pid", "")
+    if owner != owner_label() or not pid.isdigit():
+        return False  # another user or host: its liveness cannot be asked from here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def utc_stamp() -> str:
