@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from sandboxnb.errors import (
     AuthenticationError,
+    ConfigError,
     ConnectionLost,
     ProtocolError,
     RemoteError,
@@ -94,13 +95,13 @@ def _parse_url(url: str) -> tuple[str, str, int | None]:
     if parts.scheme == "unix":
         path = parts.path or parts.netloc
         if not path:
-            raise ValueError(f"endpoint url = {url!r}: unix:// needs a socket path")
+            raise ConfigError(f"endpoint url = {url!r}: unix:// needs a socket path")
         return "unix", path, None
     if parts.scheme in ("tcp", "tls"):
         if not parts.hostname or parts.port is None:
-            raise ValueError(f"endpoint url = {url!r}: expected {parts.scheme}://HOST:PORT")
+            raise ConfigError(f"endpoint url = {url!r}: expected {parts.scheme}://HOST:PORT")
         return parts.scheme, parts.hostname, parts.port
-    raise ValueError(
+    raise ConfigError(
         f"endpoint url = {url!r}: unsupported scheme; accepted: tcp://HOST:PORT, "
         "tls://HOST:PORT, unix:///PATH"
     )

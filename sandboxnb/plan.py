@@ -108,10 +108,10 @@ def make_plan(
     if timeout_s is not None and (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, int | float)
-        or math.isnan(timeout_s)
+        or not math.isfinite(timeout_s)
         or timeout_s <= 0
     ):
-        raise ValueError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 or None")
+        raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 or None")
     tasks = Taskset.load(taskset)
     agent_fn = resolve_agent(agent)
     base = merge_config(RuntimeConfig(), config)
@@ -141,7 +141,7 @@ def make_plan(
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} = {value!r}: expected an integer >= 1")
+        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
     return value
 
 
@@ -154,7 +154,7 @@ def _as_int(value: Any) -> int | None:
 
 def _journal_path(journal: Any, resume: bool, name: str) -> Path | None:
     if resume and (journal is None or journal == "auto"):
-        raise ValueError(
+        raise ConfigError(
             f"resume = True continues an existing journal, but journal = {journal!r}; "
             "accepted: the path of the journal to continue (CLI: --journal PATH)"
         )
@@ -163,7 +163,7 @@ def _journal_path(journal: Any, resume: bool, name: str) -> Path | None:
     if journal == "auto":
         return _auto_journal_path(name)
     if not isinstance(journal, str | os.PathLike) or not str(journal):
-        raise ValueError(
+        raise ConfigError(
             f"journal = {journal!r}: expected a file path, 'auto' (a new file under ./runs) "
             "or None (no journal)"
         )

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from sandboxnb.errors import ConfigError
 from sandboxnb.plan import Plan, PlannedRollout
 from sandboxnb.rollout import rollout
 
@@ -32,7 +33,7 @@ async def bounded(
 ) -> None:
     """Await ``work(item)`` for every item, in order, at most ``max_concurrent`` at once."""
     if max_concurrent < 1:
-        raise ValueError(f"max_concurrent = {max_concurrent!r}: expected an integer >= 1")
+        raise ConfigError(f"max_concurrent = {max_concurrent!r}: expected an integer >= 1")
     pending = iter(items)
 
     async def lane() -> None:
