@@ -284,11 +284,14 @@ async def test_live_sandboxes_and_reap_by_tags(emu, provider):
 
 async def test_gc_finds_and_releases_an_orphan_by_its_tags(emu, provider):
     spec = provider.launch_spec(provider.check(RuntimeConfig()))
-    await provider.create(spec)  # an owner that died before any teardown
-    listed = await asyncio.to_thread(_gc, "--runtime", "modal")
+    await provider.create(spec)  # as if its owner died before any teardown
+    # the owner here is this (live) test process: gc leaves it alone unless asked
+    shy = await asyncio.to_thread(_gc, "--runtime", "modal")
+    assert spec.sandbox_id not in shy.stdout and "1 more in use" in shy.stdout, shy.stdout
+    listed = await asyncio.to_thread(_gc, "--runtime", "modal", "--include-live")
     assert listed.returncode == 0 and spec.sandbox_id in listed.stdout, listed.stderr
     assert live(emu) == [spec.sandbox_id]
-    released = await asyncio.to_thread(_gc, "--runtime", "modal", "--delete")
+    released = await asyncio.to_thread(_gc, "--runtime", "modal", "--delete", "--include-live")
     assert released.returncode == 0 and spec.sandbox_id in released.stdout, released.stderr
     assert emu.live_sandboxes() == [] and record(emu, spec.sandbox_id).end_reason == "terminated"
     other = ModalProvider(session_id="another-session")
