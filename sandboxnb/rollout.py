@@ -69,26 +69,34 @@ async def rollout(
     repeat_token = _REPEAT.set(repeat)
     started = time.perf_counter()
     ready = done = None
-    phase = "acquire"
+    phase, failed_in = "acquire", None
+    meta: dict[str, Any] = {}
     try:
         async with provider.open(config) as sandbox:
             row["sandbox_id"] = sandbox.id
+            if sandbox.endpoint is not None:
+                meta = sandbox.endpoint.meta
             try:
                 ready = time.perf_counter()
-                phase = "rollout"
                 deadline = asyncio.timeout(timeout_s)
                 try:
                     async with deadline:
+                        phase = "setup"
                         await task.prepare(sandbox)
+                        phase = "agent"
                         answer = await agent(sandbox, task)
                         row["answer"] = _answer_text(answer)
                         phase = "grade"
                         grade = await task.grade(sandbox, answer)
                 except TimeoutError:
                     if not deadline.expired():
+                        failed_in = phase
                         raise
                     row["status"] = "timeout"
                     row["error"] = f"rollout exceeded timeout_s={timeout_s} during {phase}"
+                except BaseException:
+                    failed_in = phase  # the phase that failed, not the release that follows
+                    raise
                 else:
                     row.update(status="ok", reward=float(grade.reward), info=grade.info)
                 finally:
@@ -98,12 +106,19 @@ async def rollout(
                 await sandbox.close()
     except asyncio.CancelledError:
         row["status"] = "cancelled"
-        row["error"] = f"cancelled during {phase}"
+        row["error"] = f"cancelled during {failed_in or phase}"
         raise
     except Exception as err:  # a failing rollout is a row, not a failed run
-        row["error"] = f"{phase}: {type(err).__name__}: {err}"
-        if phase != "release":  # a failed release keeps the verdict already reached
-            row["status"] = "error"
+        where = failed_in or phase
+        limit = meta.get("run_timeout_expired")
+        if limit is not None and where != "release":
+            row["status"] = "timeout"
+            row["error"] = (f"the sandbox reached limits.run_timeout_s = {limit:g}s during "
+                            f"{where} ({type(err).__name__}: {err})")
+        else:
+            row["error"] = f"{where}: {type(err).__name__}: {err}"
+            if where != "release":  # a failed release keeps the verdict already reached
+                row["status"] = "error"
     finally:
         _REPEAT.reset(repeat_token)
         end = time.perf_counter()

@@ -491,3 +491,35 @@ def test_results_statistics_on_rows():
     assert results.summary() == "4/6 rollouts (error 1, ok 2, timeout 1); mean reward 0.500"
     assert math.isnan(Results().mean_reward())
     assert Results().summary() == "0/0 rollouts (no rows); mean reward -"
+
+
+@pytest.mark.parametrize("where", ["setup", "agent", "grade"])
+async def test_an_error_row_names_the_phase_that_failed(tmp_path, where):
+    from sandboxnb.tasks import Grade, Task
+
+    async def agent(sandbox, task):
+        if where == "agent":
+            raise RuntimeError("the agent broke")
+        return "x"
+
+    async def grader(sandbox, task, answer):
+        if where == "grade":
+            raise RuntimeError("the grader broke")
+        return Grade(1.0)
+
+    setup = ["exit 3"] if where == "setup" else []
+    task = Task(id="t", prompt="p", setup=setup, grader=grader)
+    run = await sandboxnb.run([task], agent, "local", journal=None, progress=False)
+    (row,) = run.rows
+    assert row["status"] == "error" and row["error"].startswith(f"{where}: "), row["error"]
+
+
+async def test_a_run_timeout_row_says_so():
+    async def agent(sandbox, task):
+        await sandbox.exec(["sleep", "30"])
+
+    run = await sandboxnb.run([{"id": "t", "prompt": "p"}], agent, "local", journal=None,
+                              progress=False, config={"limits": {"run_timeout_s": 1}})
+    (row,) = run.rows
+    assert row["status"] == "timeout", row
+    assert "limits.run_timeout_s = 1s during agent" in row["error"]

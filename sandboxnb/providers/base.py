@@ -313,6 +313,8 @@ class Provider(abc.ABC):
         log.warning("%s: sandbox %s reached limits.run_timeout_s = %gs: ending it",
                     self.name, state.spec.sandbox_id, after)
         state.expired = True
+        if state.endpoint is not None:  # lets a rollout say why its sandbox went away
+            state.endpoint.meta["run_timeout_expired"] = after
         self._start_release(state)
 
     def _start_release(self, state: _Acquired) -> asyncio.Task[None]:
