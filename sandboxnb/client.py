@@ -107,6 +107,16 @@ def _parse_url(url: str) -> tuple[str, str, int | None]:
     )
 
 
+def _check_timeout(timeout: Any) -> None:
+    """A remote deadline is refused before it is sent unless it is a sane number of seconds."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+            0 < timeout <= P.MAX_TIMEOUT_S):
+        raise ConfigError(f"timeout = {timeout!r}: expected seconds > 0 and <= "
+                          f"{P.MAX_TIMEOUT_S:.0f}, or None for no timeout")
+
+
 def _tls_context() -> Any:
     """The client's TLS context, built once per CA file version (loading trust stores costs
     ~20 ms a time)."""
@@ -383,10 +393,11 @@ class Sandbox:
         ``env`` is merged over the server's environment (None values unset). On ``timeout``
         the whole process group is killed and the result has ``timed_out=True``.
         """
+        _check_timeout(timeout)
         if isinstance(cmd, (list, tuple)):
             cmd = [str(a) for a in cmd]
         elif not isinstance(cmd, str):
-            raise TypeError(f"cmd = {cmd!r}: expected a list of arguments or a shell string")
+            raise ConfigError(f"cmd = {cmd!r}: expected a list of arguments or a shell string")
         if isinstance(stdin, bytes):
             stdin = stdin.decode()
         stdout: list[str] = []
@@ -417,6 +428,7 @@ class Sandbox:
         exception raises :class:`RemotePythonError`; a timeout raises :class:`SandboxTimeout`
         after interrupting the code (the namespace survives unless it refused to stop).
         """
+        _check_timeout(timeout)
         stdout: list[str] = []
         stderr: list[str] = []
         params: dict[str, Any] = {"code": code}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -230,3 +231,20 @@ async def test_failing_output_callback_keeps_the_connection(caplog):
         assert result.stdout == "hello\n"
         assert (await sb.exec("echo still")).stdout == "still\n"
     assert "callback bug" in caplog.text
+
+
+@pytest.mark.parametrize("absurd", [math.inf, 1e300, math.nan, -1, 0, True, "5"])
+async def test_an_absurd_timeout_is_refused_and_the_connection_stays_in_step(absurd):
+    import sandboxnb
+    from sandboxnb.errors import ConfigError, RemoteError
+
+    async with sandboxnb.launch("local") as sb:
+        with pytest.raises(ConfigError, match=r"timeout = .*expected seconds > 0"):
+            await sb.exec("sleep 30", timeout=absurd)
+        with pytest.raises(ConfigError, match="timeout = "):
+            await sb.python("1 + 1", timeout=absurd)
+        if isinstance(absurd, float):  # a client that skips the check meets the server's
+            with pytest.raises(RemoteError, match="parameter timeout"):
+                await sb._request("python", {"code": "41", "timeout": absurd}, None)
+        assert (await sb.python("2 + 2")).value == "4"  # the next reply is its own
+        assert (await sb.exec("echo ok")).stdout == "ok\n"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .wire import MAX_TIMEOUT_S
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -28,10 +30,11 @@ def param(params: dict[str, Any], name: str, types: Any, default: Any = None,
 
 
 def timeout_param(params: dict[str, Any]) -> float | None:
-    """The optional ``timeout`` in seconds: > 0, or None for no timeout."""
+    """The optional ``timeout`` in seconds: > 0 and at most :data:`MAX_TIMEOUT_S`, or None."""
     timeout = param(params, "timeout", (int, float))
-    if timeout is not None and timeout <= 0:
-        raise ParamError(f"parameter timeout = {timeout!r} must be > 0 seconds (or null)")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:  # nan fails both comparisons
+        raise ParamError(f"parameter timeout = {timeout!r} must be > 0 and <= "
+                         f"{MAX_TIMEOUT_S:.0f} seconds (or null)")
     return timeout
 
 

@@ -52,6 +52,8 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 32 * 1024 * 1024
 #: Largest file ``write_file``/``read_file`` move in one call (base64 must still fit one frame).
 MAX_FILE_BYTES = 16 * 1024 * 1024
+#: The longest timeout a request may carry (30 days); inf and nan are refused too.
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
 
 METHODS = ("auth", "ping", "exec", "cancel", "write_file", "read_file", "python", "shutdown")
 
