@@ -4,13 +4,18 @@ so a crashed kernel loses nothing; and reading a journal back (a torn last line 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Journal", "encode_row", "read_journal"]
+from sandboxnb.errors import ConfigError
+
+__all__ = ["Journal", "encode_row", "read_journal", "repair_torn_tail"]
+
+log = logging.getLogger("sandboxnb.journal")
 
 
 def _json_default(value: Any) -> Any:
@@ -36,6 +41,7 @@ class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_torn_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxnb-journal")
 
@@ -63,6 +69,31 @@ class Journal:
         return f"<Journal {str(self.path)!r}>"
 
 
+def repair_torn_tail(path: Path) -> int:
+    """Cut a torn last line (a crash mid-write: no newline at the end) so the next row starts
+    on a line of its own; return how many bytes were cut. The torn row was never complete."""
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return 0
+            start = max(0, size - (1 << 20))
+            fh.seek(start)
+            tail = fh.read()
+            keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return 0
+    log.warning("journal %s: cut a torn last line of %d bytes (a crash mid-write)", path,
+                size - keep)
+    return size - keep
+
+
 def read_journal(path: str | Path) -> list[dict[str, Any]]:
     """Read every row of a journal; a torn last line (a crash mid-write) is skipped."""
     path = Path(path)
@@ -76,9 +107,14 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
-            if number == len(lines):
+            if number == len(lines) and not text.endswith("\n"):
                 break  # torn final write
-            raise ValueError(f"{path}:{number}: not a journal row (invalid JSON)") from None
+            raise ConfigError(f"{path}:{number}: not a journal row (invalid JSON: "
+                              f"{line[:80]!r})") from None
+        if not isinstance(row, dict) or not {"task_id", "repeat", "status"} <= row.keys():
+            raise ConfigError(f"{path}:{number}: not a journal row (expected an object with "
+                              f"task_id, repeat and status; got {line[:80]!r})")
+        rows.append(row)
     return rows

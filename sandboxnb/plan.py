@@ -125,6 +125,7 @@ def make_plan(
                 "(CLI: --resume) to continue it, or choose a new path"
             )
         previous = resumable_rows(read_journal(path))
+        _check_same_run(path, previous, tasks, repeats)
     done = {(row.get("task_id"), _as_int(row.get("repeat"))) for row in previous}
     return Plan(
         name=tasks.name,
@@ -150,6 +151,25 @@ def _as_int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _check_same_run(path: Path, rows: list[dict[str, Any]], tasks: Taskset,
+                    repeats: int) -> None:
+    """Refuse to resume a journal that holds rollouts this run would never make."""
+    ids = {task.id for task in tasks}
+    foreign = sorted({str(row.get("task_id")) for row in rows} - ids)
+    if foreign:
+        shown = ", ".join(repr(t) for t in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"journal = {str(path)!r} holds rows of {len(foreign)} task(s) that taskset "
+            f"{tasks.name!r} does not have ({shown}): it belongs to another run; resume it with "
+            "its own taskset, or choose a new journal path")
+    beyond = sorted({_as_int(row.get("repeat")) for row in rows} - set(range(repeats)),
+                    key=lambda r: -1 if r is None else r)
+    if beyond:
+        raise ConfigError(
+            f"journal = {str(path)!r} holds repeat(s) {beyond} but repeats = {repeats}; resume "
+            "with the repeats it was started with, or choose a new journal path")
 
 
 def _journal_path(journal: Any, resume: bool, name: str) -> Path | None:

@@ -310,24 +310,26 @@ def _journal_rows(path, rows):
 
 def test_plan_resume_keeps_finished_rows_and_plans_the_rest(tmp_path):
     """A resumed journal's ok/error/timeout rows are kept and not planned again; cancelled ones
-    are planned again; rows of tasks no longer in the taskset are kept as they are."""
+    are planned again; a journal with rows of tasks this taskset lacks is refused."""
     journal = tmp_path / "j.jsonl"
     _journal_rows(journal, [
         {"task_id": "a", "repeat": 0, "status": "ok", "reward": 1.0},
         {"task_id": "a", "repeat": 1, "status": "error", "reward": None},
         {"task_id": "b", "repeat": 0, "status": "cancelled", "reward": None},
         {"task_id": "d", "repeat": 1, "status": "timeout", "reward": None},
-        {"task_id": "gone", "repeat": 0, "status": "ok", "reward": 0.0},
     ])
     plan = make_plan(TASKS, echo_agent, "local", repeats=2, journal=journal, resume=True,
                      config={"resources": {"memory_mb": 2048}})
     planned = [(p.task.id, p.repeat) for p in plan.rollouts]
     assert planned == [("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)]
     assert [(r["task_id"], r["repeat"]) for r in plan.previous] == [
-        ("a", 0), ("a", 1), ("d", 1), ("gone", 0)]
-    assert plan.total == 9 and plan.journal == journal
+        ("a", 0), ("a", 1), ("d", 1)]
+    assert plan.total == 8 and plan.journal == journal
     memory = {p.task.id: p.config.resources.memory_mb for p in plan.rollouts}
     assert memory == {"b": 2048, "c": 2048, "d": 4096}  # the effective config per task
+    _journal_rows(journal, [{"task_id": "gone", "repeat": 0, "status": "ok", "reward": 0.0}])
+    with pytest.raises(ConfigError, match=r"task\(s\) that taskset .* does not have \('gone'\)"):
+        make_plan(TASKS, echo_agent, "local", repeats=2, journal=journal, resume=True)
 
 
 def test_plan_validates_and_writes_nothing(tmp_path, monkeypatch):
