@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -127,6 +128,7 @@ async def _run_command(args: argparse.Namespace) -> int:
     config = options.config_from_options(options.given(args))
     if args.output:
         _check_output(args.output)
+    _check_available(args.runtime)
     taskset = Taskset.load(args.taskset)
     if args.tasks:
         taskset = taskset.select(args.tasks)
@@ -158,6 +160,20 @@ def _check_output(path: str) -> None:
             f"--output {path!r}: unsupported extension {('.' + suffix) if suffix else '(none)'}; "
             "use .jsonl, .csv or .parquet"
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"--output {path!r}: its folder {folder!r} does not exist or is not "
+                          "writable; results are written there when the run ends")
+
+
+def _check_available(runtime: str) -> None:
+    """A provider that cannot work here is refused before a single rollout is attempted."""
+    from sandboxnb.providers import describe_providers
+
+    rows = {row["provider"]: row for row in describe_providers()}
+    row = rows.get(runtime)
+    if row is not None and not row["available"]:
+        raise ConfigError(f"--runtime {runtime!r} is unavailable here: {row['reason']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,14 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sandboxnb.errors import ConfigError, UnsupportedFieldError
 
@@ -78,6 +85,11 @@ class Resources(_Model):
     disk_mb: int | None = Field(None, ge=1, le=MAX_DISK_MB, description="disk size in MiB")
     gpu: GPU | None = Field(None, description="GPU: TYPE or TYPE:COUNT, e.g. H100 or A10G:2")
 
+    @field_validator("cpu", "memory_mb", "disk_mb", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        return _refuse_bool(value)
+
 
 class Limits(_Model):
     """Time limits, in seconds. ``None`` means no limit (or the provider's default)."""
@@ -93,6 +105,17 @@ class Limits(_Model):
         300.0, gt=0, le=MAX_SECONDS,
         description="seconds without a connected client after which the sandbox server exits",
     )
+
+    @field_validator("startup_timeout_s", "run_timeout_s", "idle_timeout_s", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        return _refuse_bool(value)
+
+
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, not the bool {value!r}")
+    return value
 
 
 class RuntimeConfig(_Model):
