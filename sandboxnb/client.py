@@ -107,6 +107,10 @@ def _parse_url(url: str) -> tuple[str, str, int | None]:
     )
 
 
+#: Default cap of each captured output stream of one call (16 Mi characters).
+DEFAULT_MAX_OUTPUT_CHARS = 16 * 1024 * 1024
+
+
 def _check_timeout(timeout: Any) -> None:
     """A remote deadline is refused before it is sent unless it is a sane number of seconds."""
     if timeout is None:
@@ -214,6 +218,9 @@ class Sandbox:
         self.endpoint = endpoint
         self.info: dict[str, Any] = {}
         self._max_frame = max_frame_bytes
+        #: How much of each output stream ``exec``/``python`` results keep (streaming callbacks
+        #: see everything); set it per sandbox.
+        self.max_output_chars = DEFAULT_MAX_OUTPUT_CHARS
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._listeners: dict[int, Callable[[str, str], None]] = {}
@@ -507,11 +514,27 @@ class Sandbox:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
-    @staticmethod
-    def _collector(stdout: list[str], stderr: list[str],
+    def _collector(self, stdout: list[str], stderr: list[str],
                    on_output: OutputCallback | None) -> Callable[[str, str], None]:
+        """Keep at most :attr:`max_output_chars` of each stream (then a marker saying how much
+        was cut); ``on_output`` still sees everything."""
+        limit = self.max_output_chars
+        kept = {"stdout": 0, "stderr": 0}
+        cut = {"stdout": 0, "stderr": 0}
+
         def collect(stream: str, data: str) -> None:
-            (stderr if stream == "stderr" else stdout).append(data)
+            name = "stderr" if stream == "stderr" else "stdout"
+            parts = stderr if name == "stderr" else stdout
+            room = limit - kept[name]
+            if room > 0:
+                parts.append(data[:room])
+                kept[name] += min(room, len(data))
+            if len(data) > room:
+                if not cut[name]:
+                    parts.append("")  # the marker's place
+                cut[name] += len(data) - max(room, 0)
+                parts[-1] = (f"\n[... {cut[name]} more characters of {name} cut: over "
+                             f"max_output_chars={limit}]\n")
             if on_output is not None:
                 try:
                     on_output(stream, data)

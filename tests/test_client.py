@@ -248,3 +248,20 @@ async def test_an_absurd_timeout_is_refused_and_the_connection_stays_in_step(abs
                 await sb._request("python", {"code": "41", "timeout": absurd}, None)
         assert (await sb.python("2 + 2")).value == "4"  # the next reply is its own
         assert (await sb.exec("echo ok")).stdout == "ok\n"
+
+
+async def test_captured_output_is_bounded_and_the_callback_sees_everything():
+    import sandboxnb
+
+    seen = [0]
+    async with sandboxnb.launch("local") as sb:
+        sb.max_output_chars = 100_000
+        result = await sb.exec(
+            ["python3", "-c", "import sys; [sys.stdout.write('x' * 65536) for _ in range(160)]"],
+            on_output=lambda stream, data: seen.__setitem__(0, seen[0] + len(data)))
+        assert result.exit_code == 0 and seen[0] == 160 * 65536  # ~10 MB streamed
+        kept, _, marker = result.stdout.partition("\n[...")
+        assert kept == "x" * 100_000
+        assert f"{160 * 65536 - 100_000} more characters of stdout cut" in marker
+        small = await sb.exec("echo hi")  # below the cap: untouched
+        assert small.stdout == "hi\n"
