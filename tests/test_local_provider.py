@@ -275,3 +275,32 @@ async def test_launch_keywords_given_as_none_mean_no_limit():
         argv = await server_command_in_sandbox(sb)
     assert argv[argv.index("--idle-timeout") + 1] == "0"
     assert argv[argv.index("--startup-timeout") + 1] == "0"
+
+
+SCAN_PROC = """
+import os, sys
+secret = sys.stdin.read().strip().encode()  # not in our own argv
+found = []
+for pid in os.listdir('/proc'):
+    if not pid.isdigit():
+        continue
+    for name in ('environ', 'cmdline'):
+        try:
+            with open(f'/proc/{pid}/{name}', 'rb') as fh:
+                if secret in fh.read():
+                    found.append(f'{pid}/{name}')
+        except OSError:
+            pass
+print(found)
+"""
+
+
+async def test_another_sandbox_cannot_read_a_token_from_proc():
+    """Sandbox A scans every /proc/PID/environ and cmdline it can read for B's token."""
+    import sandboxnb
+
+    async with sandboxnb.launch("local") as victim, sandboxnb.launch("local") as attacker:
+        token = victim.endpoint.token
+        scan = await attacker.exec(["python3", "-c", SCAN_PROC], stdin=token[:16])
+        assert scan.exit_code == 0, scan.stderr
+        assert scan.stdout.strip() == "[]", f"token readable at {scan.stdout}"

@@ -108,10 +108,14 @@ class LocalProvider(Provider):
         workdir = root / "work"
         workdir.mkdir()
         listener = self._listener(box)
+        token_read, token_write = os.pipe()  # the token never sits in /proc/PID/environ
+        os.write(token_write, spec.token.encode())
+        os.close(token_write)
         try:
             fd = listener.fileno()
             args = spec.server_args(workdir=str(workdir), memory_mb=True,
-                                    listen=["--listen-fd", str(fd)],
+                                    listen=["--listen-fd", str(fd), "--token-fd",
+                                            str(token_read)],
                                     owner_pid=None if self.isolation == "namespaces"
                                     else os.getpid())
             argv = [self.python, "-S", "-E", "-s", str(bundle_path()), *args]
@@ -119,19 +123,21 @@ class LocalProvider(Provider):
                 argv = [*_UNSHARE, *argv]
             # `python3` in the sandbox is the interpreter that runs it (as in an active venv)
             path = os.pathsep.join([os.path.dirname(self.python), os.environ.get("PATH", "")])
-            env = dict(os.environ, PATH=path, **spec.server_env())
+            env = dict(os.environ, PATH=path)
             if spec.config.resources.memory_mb:
                 env["MALLOC_ARENA_MAX"] = "2"  # fewer malloc arenas reserving address space
             with open(box.log_path, "wb") as log_file:  # noqa: ASYNC230 - a local temp file
                 box.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not wait
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-                    cwd=root, env=env, start_new_session=True, close_fds=True, pass_fds=(fd,),
+                    cwd=root, env=env, start_new_session=True, close_fds=True,
+                    pass_fds=(fd, token_read),
                     # the namespaced server cannot watch our pid from its own pid namespace:
                     # unshare gets SIGKILL when we die, and takes the server with it
                     preexec_fn=_die_with_parent if self.isolation == "namespaces" else None,
                 )
         finally:
-            listener.close()  # the server holds its own copy
+            listener.close()  # the server holds its own copies
+            os.close(token_read)
         if self._cgroup_parent is not None:  # quota if asked; always a teardown sweep
             box.cgroup = CpuCgroup.create(self._cgroup_parent / spec.sandbox_id,
                                           spec.config.resources.cpu)

@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the server until shutdown or the dead-man switch fires."""
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     token = os.environ.pop(TOKEN_ENV, None)
+    if opts["token_fd"] is not None:  # a pipe: the token never sits in /proc/PID/environ
+        token = _read_token(opts["token_fd"])
     if not token:
-        log(f"env {TOKEN_ENV} is required (the per-sandbox secret); refusing to start")
+        log(f"--token-fd or env {TOKEN_ENV} is required (the per-sandbox secret); refusing "
+            "to start")
         return 2
     if opts["memory_mb"]:
         import resource
@@ -56,5 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _read_token(fd: int) -> str:
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
