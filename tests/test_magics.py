@@ -102,6 +102,7 @@ def test_providers_table(ip):
     for row in rows.values():
         assert row["available"] or row["reason"], row
     assert "<table" in table._repr_html_()
+    assert "transport" in repr(table) and "tls tunnel" in table._repr_html_()  # as the CLI
 
 
 @pytest.mark.parametrize(

@@ -113,7 +113,8 @@ class SandboxTable:
 
 
 # ---- providers -----------------------------------------------------------------------------
-PROVIDER_COLUMNS = ("provider", "available", "supports", "why unavailable / how to enable")
+PROVIDER_COLUMNS = (
+    "provider", "available", "transport", "supports", "why unavailable / how to enable")
 
 
 def provider_rows() -> list[dict[str, Any]]:
@@ -124,7 +125,8 @@ def provider_rows() -> list[dict[str, Any]]:
 
 
 def _provider_cells(row: dict[str, Any]) -> list[Any]:
-    return [row["provider"], "yes" if row["available"] else "no", row["supports"], row["reason"]]
+    return [row["provider"], "yes" if row["available"] else "no", row.get("transport", ""),
+            row["supports"], row["reason"]]
 
 
 def providers_html(rows: Sequence[dict[str, Any]]) -> str:
