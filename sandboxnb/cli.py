@@ -167,13 +167,13 @@ def _check_output(path: str) -> None:
 
 
 def _check_available(runtime: str) -> None:
-    """A provider that cannot work here is refused before a single rollout is attempted."""
-    from sandboxnb.providers import describe_providers
+    """A provider that cannot work here is refused before a single rollout is attempted (only
+    the chosen one is asked: importing every provider's SDK would slow every run)."""
+    from sandboxnb.providers import provider_class
 
-    rows = {row["provider"]: row for row in describe_providers()}
-    row = rows.get(runtime)
-    if row is not None and not row["available"]:
-        raise ConfigError(f"--runtime {runtime!r} is unavailable here: {row['reason']}")
+    status = provider_class(runtime).availability()
+    if not status.available:
+        raise ConfigError(f"--runtime {runtime!r} is unavailable here: {status.reason}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

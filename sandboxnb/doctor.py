@@ -17,6 +17,7 @@ from typing import Any
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.providers import Provider, get_provider
 from sandboxnb.providers.base import LABEL
+from sandboxnb.providers.spec import limit_option
 
 __all__ = ["Check", "DoctorReport", "doctor", "server_command_in_sandbox"]
 
@@ -128,16 +129,12 @@ async def _check_sandbox(sb: Any, config: RuntimeConfig, report: DoctorReport) -
     report.checks.append(Check("files", same, seen, "the sandbox's filesystem is not writable"))
     argv = await server_command_in_sandbox(sb)
     limits = config.limits
-    expected = {"--startup-timeout": _flag(limits.startup_timeout_s),
-                "--idle-timeout": _flag(limits.idle_timeout_s)}
+    expected = {"--startup-timeout": limit_option(limits.startup_timeout_s),
+                "--idle-timeout": limit_option(limits.idle_timeout_s)}
     seen = {flag: argv[argv.index(flag) + 1] for flag in expected if flag in argv}
     report.checks.append(Check(
         "limits reach the server", seen == expected, f"server options {seen}",
         f"the server did not get the policy's options {expected}"))
-
-
-def _flag(value: float | None) -> str:
-    return "0" if value is None else f"{value:g}"
 
 
 async def _check_teardown(provider: Provider, sandbox_id: str, report: DoctorReport) -> None:

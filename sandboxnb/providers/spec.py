@@ -32,6 +32,7 @@ __all__ = [
     "SERVER_BUNDLE_NAME",
     "TOKEN_ENV",
     "LaunchSpec",
+    "limit_option",
     "make_launch_spec",
     "owner_alive",
     "owner_label",
@@ -87,7 +88,7 @@ def sandbox_labels(provider: str, sandbox_id: str, session: str) -> dict[str, st
     }
 
 
-def _seconds(value: float | None) -> str:
+def limit_option(value: float | None) -> str:
     """A limit as the server's option value: ``0`` disables it (the policy's ``None``)."""
     return "0" if value is None else f"{value:g}"
 
@@ -111,8 +112,8 @@ class LaunchSpec:
         """
         limits = self.config.limits
         args = ["--sandbox-id", self.sandbox_id,
-                "--startup-timeout", _seconds(limits.startup_timeout_s),
-                "--idle-timeout", _seconds(limits.idle_timeout_s)]
+                "--startup-timeout", limit_option(limits.startup_timeout_s),
+                "--idle-timeout", limit_option(limits.idle_timeout_s)]
         if workdir is not None:
             args += ["--workdir", workdir]
         if memory_mb and self.config.resources.memory_mb is not None:
