@@ -1,0 +1,177 @@
+"""Transient backend faults: injected into the emulators, met through the real SDKs.
+
+Each test injects faults with the emulator's fault plan and checks, from the emulator's own
+state, that a transient fault is retried (honouring Retry-After), that an uncertain create leaves
+exactly one sandbox, that a permanent error fails at once with the provider's message, and that
+nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+import sandboxnb
+from sandboxnb.config import config_from_flat
+from sandboxnb.errors import ProviderError
+from sandboxnb.providers.modal import ModalProvider
+from sandboxnb.providers.retry import RetryPolicy
+from sandboxnb.testing.faults import FaultPlan
+from sandboxnb.testing.modal_emulator import ModalEmulator
+
+from .helpers import wait_until_async
+
+ID_TAG = "sandboxnb.sandbox_id"
+#: Short waits keep the tests quick; bounds are what is checked, not speed.
+FAST = RetryPolicy(attempts=6, total_s=60, wait_initial_s=0.05, wait_max_s=0.2,
+                   wait_jitter_s=0.05)
+
+
+class FastModal(ModalProvider):
+    retry_policy = FAST
+
+
+# ---- Modal --------------------------------------------------------------------------------------
+@pytest.fixture
+def memu():
+    with ModalEmulator() as emulator:
+        yield emulator
+        assert emulator.unimplemented_calls == []
+        assert emulator.live_sandboxes() == []
+    assert emulator.live_processes() == []
+
+
+@pytest.fixture
+async def modal_provider(memu):
+    prov = FastModal()
+    yield prov
+    await prov.aclose()
+
+
+def modal_copies(emu: ModalEmulator, sandbox_id: str) -> tuple[int, int]:
+    """(sandboxes the control plane made for ``sandbox_id``, how many of them still run)."""
+    made = [r.sandbox_id for r in emu.creates if r.tags.get(ID_TAG) == sandbox_id]
+    live = set(emu.live_sandboxes())
+    return len(made), sum(1 for sid in made if sid in live)
+
+
+async def test_modal_resource_exhausted_is_retried(memu, modal_provider):
+    rule = memu.faults.add("SandboxCreateV2", "RESOURCE_EXHAUSTED", times=2)
+    async with sandboxnb.launch(modal_provider) as sb:
+        assert (await sb.exec("echo ok")).stdout == "ok\n"
+        assert modal_copies(memu, sb.endpoint.sandbox_id) == (1, 1)
+    assert rule.injected == 2
+    assert memu.rpc_calls["SandboxCreateV2"] == 3
+    stats = modal_provider.retry_stats
+    assert (stats.faults, stats.retries, stats.lookups) == (2, 2, 0)  # refused: no lookup
+
+
+async def test_modal_retry_after_is_honoured(memu, modal_provider):
+    # Modal's Retry-After is an RPCRetryPolicy detail; the SDK sleeps on it itself
+    memu.faults.add("SandboxCreateV2", "RESOURCE_EXHAUSTED", times=1, retry_after=1.0)
+    started = time.monotonic()
+    async with modal_provider.sandbox(config_from_flat(startup_timeout_s=60)):
+        pass
+    assert time.monotonic() - started >= 1.0
+    assert memu.rpc_calls["SandboxCreateV2"] == 2
+
+
+async def test_modal_unavailable_past_the_sdk_retries(memu, modal_provider):
+    # the SDK retries UNAVAILABLE 3 times itself, then we take over (uncertain: look up first)
+    rule = memu.faults.add("SandboxCreateV2", "UNAVAILABLE", times=6)
+    async with modal_provider.sandbox() as endpoint:
+        assert modal_copies(memu, endpoint.sandbox_id) == (1, 1)
+    assert rule.injected == 6
+    stats = modal_provider.retry_stats
+    assert stats.retries >= 1 and stats.lookups == stats.retries and stats.adopted == 0
+
+
+@pytest.mark.parametrize("resets", [1, 5])
+async def test_modal_uncertain_create_leaves_one_sandbox(memu, modal_provider, resets):
+    # each reset create did make a sandbox. The SDK repeats a reset create 3 times itself: 1
+    # reset is hidden from us (its copy is swept), 5 outlast the SDK's 4 attempts (we adopt one)
+    memu.faults.add("SandboxCreateV2", "reset", times=resets)
+    async with modal_provider.sandbox() as endpoint:
+        sid = endpoint.sandbox_id
+        made, _ = modal_copies(memu, sid)
+        assert made == (resets + 1 if resets < 4 else 4), made
+        await wait_until_async(lambda: modal_copies(memu, sid)[1] == 1, 30,
+                               "the duplicates to be terminated")
+        async with await sandboxnb.connect(endpoint) as sb:
+            assert (await sb.exec("echo ok")).ok
+    assert modal_copies(memu, sid)[1] == 0
+    stats = modal_provider.retry_stats
+    if resets >= 4:
+        assert stats.adopted == 1 and stats.lookups == 1
+    assert stats.duplicates_removed == made - 1
+
+
+async def test_modal_permanent_error_fails_at_once(memu, modal_provider):
+    memu.faults.add("SandboxCreateV2", "INVALID_ARGUMENT", times=1,
+                    message="Image 'nope' is not a valid image")
+    with pytest.raises(ProviderError, match="Image 'nope' is not a valid image"):
+        async with modal_provider.sandbox():
+            pass
+    assert memu.rpc_calls["SandboxCreateV2"] == 1
+    assert memu.creates == []
+    assert modal_provider.retry_stats.retries == 0
+    assert modal_provider.retry_stats.permanent == 1
+
+
+async def test_modal_quota_exhausted_is_permanent(memu, modal_provider):
+    memu.faults.add("SandboxCreateV2", "RESOURCE_EXHAUSTED", times=1,
+                    message="workspace quota exceeded: 100 sandboxes")
+    with pytest.raises(ProviderError, match="quota exceeded"):
+        async with modal_provider.sandbox():
+            pass
+    assert memu.rpc_calls["SandboxCreateV2"] == 1
+
+
+async def test_modal_destroy_is_retried(memu, modal_provider):
+    rule = memu.faults.add("SandboxTerminateV2", "UNAVAILABLE", times=5)
+    async with modal_provider.sandbox() as endpoint:
+        sid = endpoint.sandbox_id
+    assert rule.injected == 5
+    assert modal_copies(memu, sid) == (1, 0)
+
+
+async def test_modal_destroy_that_fails_for_good_is_logged_loudly(memu, modal_provider, caplog):
+    memu.faults.add("SandboxTerminateV2", "PERMISSION_DENIED", times=1)
+    with caplog.at_level(logging.ERROR, "sandboxnb"):
+        with pytest.raises(ProviderError, match="releasing sandbox"):
+            async with modal_provider.sandbox() as endpoint:
+                sid = endpoint.sandbox_id
+    assert modal_copies(memu, sid) == (1, 1)
+    loud = [r.getMessage() for r in caplog.records if sid in r.getMessage()]
+    assert any("sandboxnb gc --runtime modal --delete" in m for m in loud), loud
+    assert await modal_provider.reap() == [sid]  # what gc does
+    assert modal_copies(memu, sid) == (1, 0)
+
+
+async def test_modal_list_is_retried(memu, modal_provider):
+    spec = modal_provider.launch_spec(modal_provider.check(None))
+    await modal_provider.create(spec)
+    memu.faults.add("SandboxList", "RESOURCE_EXHAUSTED", times=2)
+    memu.faults.add("SandboxListV2", "RESOURCE_EXHAUSTED", times=2)
+    assert await modal_provider.reap() == [spec.sandbox_id]
+    assert memu.faults.injected == 2
+
+
+def test_fault_rules_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SANDBOXNB_EMULATOR_FAULTS",
+                       "SandboxCreateV2=UNAVAILABLE:times=2; POST /sandbox=429:retry_after=1.5,"
+                       "every=3,times=inf")
+    plan = FaultPlan.from_env()
+    first, second = plan.rules
+    assert (first.target, first.error, first.times) == ("SandboxCreateV2", "UNAVAILABLE", 2)
+    assert (second.target, second.error, second.times, second.every, second.retry_after) == (
+        "POST /sandbox", "429", None, 3, 1.5)
+    assert [plan.take("POST /sandbox") is not None for _ in range(6)] == [False, False, True] * 2
+    with pytest.raises(ValueError, match="unknown key 'tims'"):
+        FaultPlan.parse("SandboxCreateV2=UNAVAILABLE:tims=2")
+    with pytest.raises(ValueError, match="expected TARGET=ERROR"):
+        FaultPlan.parse("SandboxCreateV2")
+    with ModalEmulator() as emu:
+        assert [r.target for r in emu.faults.rules] == ["SandboxCreateV2", "POST /sandbox"]
