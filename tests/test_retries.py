@@ -16,8 +16,10 @@ import pytest
 import sandboxnb
 from sandboxnb.config import config_from_flat
 from sandboxnb.errors import ProviderError
+from sandboxnb.providers.daytona import DaytonaProvider
 from sandboxnb.providers.modal import ModalProvider
 from sandboxnb.providers.retry import RetryPolicy
+from sandboxnb.testing.daytona_emulator import DaytonaEmulator
 from sandboxnb.testing.faults import FaultPlan
 from sandboxnb.testing.modal_emulator import ModalEmulator
 
@@ -175,3 +177,96 @@ def test_fault_rules_from_the_environment(monkeypatch):
         FaultPlan.parse("SandboxCreateV2")
     with ModalEmulator() as emu:
         assert [r.target for r in emu.faults.rules] == ["SandboxCreateV2", "POST /sandbox"]
+
+
+# ---- Daytona ------------------------------------------------------------------------------------
+class FastDaytona(DaytonaProvider):
+    retry_policy = FAST
+
+
+@pytest.fixture
+async def demu():
+    async with DaytonaEmulator() as emulator:
+        yield emulator
+        assert emulator.unknown_routes == [], emulator.unknown_routes
+    assert emulator.live_sandboxes() == []
+
+
+@pytest.fixture
+async def daytona_provider(demu):
+    prov = FastDaytona()
+    yield prov
+    await prov.aclose()
+
+
+def daytona_copies(emu: DaytonaEmulator, sandbox_id: str) -> tuple[int, int]:
+    """(sandboxes the API made named ``sandbox_id``, how many of them still run)."""
+    made = [s for s in [*emu.sandboxes.values(), *emu.deleted] if s.name == sandbox_id]
+    return len(made), sum(1 for s in made if s.isolated is not None and s.isolated.alive)
+
+
+def posts(emu: DaytonaEmulator) -> int:
+    return emu.requests.count(("POST", "/sandbox"))
+
+
+async def test_daytona_rate_limit_honours_retry_after(demu, daytona_provider):
+    rule = demu.faults.add("POST /sandbox", 429, times=1, retry_after=1.0,
+                           message="Too many requests, slow down")
+    started = time.monotonic()
+    async with daytona_provider.sandbox() as endpoint:
+        waited = time.monotonic() - started
+        assert daytona_copies(demu, endpoint.sandbox_id) == (1, 1)
+    assert rule.injected == 1 and posts(demu) == 2
+    assert waited >= 1.0  # the Retry-After, not the 0.05 s backoff
+    stats = daytona_provider.retry_stats
+    assert (stats.retries, stats.lookups) == (1, 0)
+
+
+async def test_daytona_retry_after_is_capped_by_the_startup_deadline(demu, daytona_provider):
+    demu.faults.add("POST /sandbox", 429, times=1, retry_after=3600)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="slow down|429|Too Many"):
+        async with daytona_provider.sandbox(config_from_flat(startup_timeout_s=20)):
+            pass
+    assert time.monotonic() - started < 20  # gave up at once instead of sleeping past it
+    assert posts(demu) == 1 and daytona_provider.retry_stats.given_up == 1
+
+
+async def test_daytona_5xx_is_retried_after_a_lookup(demu, daytona_provider):
+    rule = demu.faults.add("POST /sandbox", 503, times=2)
+    async with daytona_provider.sandbox() as endpoint:
+        assert daytona_copies(demu, endpoint.sandbox_id) == (1, 1)
+    assert rule.injected == 2 and posts(demu) == 3
+    stats = daytona_provider.retry_stats
+    assert (stats.retries, stats.lookups, stats.adopted) == (2, 2, 0)
+
+
+async def test_daytona_uncertain_create_is_adopted(demu, daytona_provider):
+    # the create happens, the connection drops before the answer: the sandbox exists
+    rule = demu.faults.add("POST /sandbox", "reset", times=1)
+    async with daytona_provider.sandbox() as endpoint:
+        assert daytona_copies(demu, endpoint.sandbox_id) == (1, 1)  # exactly one, adopted
+        async with await sandboxnb.connect(endpoint) as sb:
+            assert (await sb.exec("echo adopted")).stdout == "adopted\n"
+    assert rule.injected == 1 and posts(demu) == 1
+    assert daytona_copies(demu, endpoint.sandbox_id) == (1, 0)
+    stats = daytona_provider.retry_stats
+    assert (stats.lookups, stats.adopted, stats.duplicates_removed) == (1, 1, 0)
+
+
+async def test_daytona_permanent_error_fails_at_once(demu, daytona_provider):
+    demu.faults.add("POST /sandbox", 400, times=1,
+                    message="Invalid image: 'nope:latest' does not exist")
+    with pytest.raises(ProviderError, match="Invalid image: 'nope:latest' does not exist"):
+        async with daytona_provider.sandbox():
+            pass
+    assert posts(demu) == 1 and not demu.sandboxes
+    assert daytona_provider.retry_stats.retries == 0
+
+
+async def test_daytona_destroy_is_retried(demu, daytona_provider):
+    rule = demu.faults.add("DELETE /sandbox/{id}", 502, times=2)
+    async with daytona_provider.sandbox() as endpoint:
+        sid = endpoint.sandbox_id
+    assert rule.injected == 2
+    assert daytona_copies(demu, sid) == (1, 0) and not demu.sandboxes
