@@ -239,6 +239,17 @@ async def test_daytona_retry_after_is_capped_by_the_startup_deadline(demu, dayto
     assert posts(demu) == 1 and daytona_provider.retry_stats.given_up == 1
 
 
+async def test_daytona_cancel_while_waiting_to_retry_creates_nothing_more(demu, daytona_provider):
+    demu.faults.add("POST /sandbox", 429, times=1, retry_after=30)
+    task = asyncio.create_task(daytona_provider.sandbox().__aenter__())
+    await wait_until_async(lambda: daytona_provider.retry_stats.retries == 1, 30,
+                           "the create to wait on its Retry-After")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert posts(demu) == 1 and not demu.sandboxes  # the pending retry died with the rollout
+
+
 async def test_daytona_5xx_is_retried_after_a_lookup(demu, daytona_provider):
     rule = demu.faults.add("POST /sandbox", 503, times=2)
     async with daytona_provider.sandbox() as endpoint:

@@ -277,7 +277,8 @@ class Provider(abc.ABC):
         try:
             async with asyncio.timeout(limit):
                 deadline = None if limit is None else asyncio.get_running_loop().time() + limit
-                state.creating = asyncio.ensure_future(retry.create(self, spec, deadline))
+                state.creating = asyncio.ensure_future(
+                    retry.create(self, spec, deadline, state.progress))
                 state.handle = await asyncio.shield(state.creating)
                 state.created = True
                 phase = "asking for its address"
@@ -349,6 +350,8 @@ class Provider(abc.ABC):
     async def _destroy_all(self, state: _Acquired) -> None:
         """Destroy what acquire reached: the handle, or whatever carries the spec's labels."""
         if state.creating is not None and not state.created:
+            if not state.progress.sending:  # between attempts: no create can come of it
+                state.creating.cancel()
             with contextlib.suppress(BaseException):
                 state.handle = await state.creating
                 state.created = True
@@ -423,6 +426,7 @@ class _Acquired:
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self.creating: asyncio.Future[Any] | None = None
+        self.progress = retry.CreateProgress()
         self.handle: Any = None
         self.created = False
         self.endpoint: Endpoint | None = None

@@ -55,8 +55,8 @@ from sandboxnb.providers.spec import LABEL
 if TYPE_CHECKING:
     from sandboxnb.providers.base import LaunchSpec, Provider
 
-__all__ = ["Fault", "Kind", "RetryPolicy", "RetryStats", "call", "create", "destroy",
-           "retry_after_s", "stats_of"]
+__all__ = ["CreateProgress", "Fault", "Kind", "RetryPolicy", "RetryStats", "call", "create",
+           "destroy", "retry_after_s", "stats_of"]
 
 log = logging.getLogger("sandboxnb.providers.retry")
 # stamina's own retry hook logs each retry at WARNING on the "stamina" logger; without a handler
@@ -92,6 +92,14 @@ class RetryPolicy:
     wait_max_s: float = 10.0
     wait_jitter_s: float = 0.5
     max_retry_after_s: float = 60.0
+
+
+@dataclass
+class CreateProgress:
+    """Whether a create request may be on its way (else, between attempts, it can be cancelled
+    without leaving anything behind that a label lookup would not find)."""
+
+    sending: bool = False
 
 
 @dataclass
@@ -177,27 +185,32 @@ async def destroy(provider: Provider, sandbox_id: str, fn: Callable[[], Awaitabl
         raise
 
 
-async def create(provider: Provider, spec: LaunchSpec, deadline: float | None) -> Any:
+async def create(provider: Provider, spec: LaunchSpec, deadline: float | None,
+                 progress: CreateProgress | None = None) -> Any:
     """``provider.create(spec)`` with retries; after an uncertain failure the sandbox is looked
     up by its id label and adopted (extras destroyed) before anything is created again."""
     what = f"create {spec.sandbox_id}"
+    progress = progress or CreateProgress()
     uncertain = False
     async for attempt in _attempts(provider, what, deadline):
         with attempt:
             try:
                 if uncertain:
-                    handle = await _adopt(provider, spec)
+                    handle = await _adopt(provider, spec, progress)
                     if handle is not None:
                         return handle
+                progress.sending = True
                 return await provider.create(spec)
             except Exception as err:
                 fault = _note(provider, what, err)
                 uncertain = uncertain or (fault is not None and fault.kind is Kind.UNCERTAIN)
                 raise
+            finally:
+                progress.sending = False
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _adopt(provider: Provider, spec: LaunchSpec) -> Any:
+async def _adopt(provider: Provider, spec: LaunchSpec, progress: CreateProgress) -> Any:
     """The sandbox an uncertain create made, if the backend has it (extras destroyed)."""
     stats = stats_of(provider)
     stats.lookups += 1
@@ -210,6 +223,7 @@ async def _adopt(provider: Provider, spec: LaunchSpec) -> Any:
     for extra in extras:
         await provider.destroy(extra.handle)
         stats.duplicates_removed += 1
+    progress.sending = True  # from here a sandbox exists that only the returned handle holds
     handle = await provider.adopt(keep, spec)
     if handle is None:  # the backend cannot take it over: replace it
         await provider.destroy(keep.handle)
