@@ -66,12 +66,18 @@ def modal_copies(emu: ModalEmulator, sandbox_id: str) -> tuple[int, int]:
     return len(made), sum(1 for sid in made if sid in live)
 
 
-async def test_modal_resource_exhausted_is_retried(memu, modal_provider):
+async def test_modal_resource_exhausted_is_retried(memu, modal_provider, caplog):
     rule = memu.faults.add("SandboxCreateV2", "RESOURCE_EXHAUSTED", times=2)
-    async with sandboxnb.launch(modal_provider) as sb:
-        assert (await sb.exec("echo ok")).stdout == "ok\n"
-        assert modal_copies(memu, sb.endpoint.sandbox_id) == (1, 1)
+    with caplog.at_level(logging.DEBUG, "sandboxnb.providers.retry"):
+        async with sandboxnb.launch(modal_provider) as sb:
+            assert (await sb.exec("echo ok")).stdout == "ok\n"
+            assert modal_copies(memu, sb.endpoint.sandbox_id) == (1, 1)
     assert rule.injected == 2
+    logged = [r.getMessage() for r in caplog.records if r.name == "sandboxnb.providers.retry"]
+    assert [("attempt 1 of 6" in m, "attempt 2 of 6" in m) for m in logged] == [
+        (True, False), (False, True)], logged
+    assert {r.levelno for r in caplog.records if r.name == "sandboxnb.providers.retry"} == {
+        logging.DEBUG}
     assert memu.rpc_calls["SandboxCreateV2"] == 3
     stats = modal_provider.retry_stats
     assert (stats.faults, stats.retries, stats.lookups) == (2, 2, 0)  # refused: no lookup

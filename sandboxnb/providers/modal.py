@@ -166,6 +166,7 @@ class ModalProvider(Provider):
         except modal.exception.Error as err:
             raise ProviderError(f"modal: Sandbox.create failed ({type(err).__name__}: {err})"
                                 ) from err
+        self._unsent.discard(spec.sandbox_id)  # an earlier attempt's mark must not hide it
         sweep = asyncio.ensure_future(self._sweep(spec.sandbox_id, sb.object_id))
         self._sweeps.add(sweep)
         sweep.add_done_callback(self._sweeps.discard)

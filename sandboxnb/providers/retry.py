@@ -249,6 +249,7 @@ def _attempts(provider: Provider, what: str, deadline: float | None) -> Any:
     policy: RetryPolicy = provider.retry_policy
     stats = stats_of(provider)
     loop = asyncio.get_running_loop()
+    started = loop.time()
     failures = 0
 
     def hook(err: Exception) -> bool | float:
@@ -269,6 +270,8 @@ def _attempts(provider: Provider, what: str, deadline: float | None) -> Any:
         if left is not None and wait >= left:
             return _give_up(f"has {max(left, 0):.3g}s left before the startup deadline, "
                             f"less than the {wait:.3g}s wait", err)
+        if loop.time() - started + wait > policy.total_s:
+            return _give_up(f"would pass its {policy.total_s:g}s retry budget", err)
         stats.retries += 1
         log.debug("%s: %s failed (attempt %d of %d, %s): %s; retrying in %.3gs%s",
                   provider.name, what, failures, policy.attempts, fault.kind.value, err, wait,
@@ -282,4 +285,5 @@ def _attempts(provider: Provider, what: str, deadline: float | None) -> Any:
 
     import stamina  # imported on the first backend call, not with every provider
 
-    return stamina.retry_context(on=hook, attempts=policy.attempts, timeout=policy.total_s)
+    # the hook enforces the time bounds (so it can count what it gives up); stamina the attempts
+    return stamina.retry_context(on=hook, attempts=policy.attempts, timeout=None)
