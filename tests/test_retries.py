@@ -135,6 +135,22 @@ async def test_modal_permanent_error_fails_at_once(memu, modal_provider):
     assert modal_provider.retry_stats.permanent == 1
 
 
+async def test_permanent_error_fails_one_rollout_and_the_run_goes_on(memu, modal_provider):
+    from sandboxnb.tasksets import humaneval
+
+    memu.faults.add("SandboxCreateV2", "PERMISSION_DENIED", times=1, every=2,
+                    message="token lacks the sandbox:create permission")
+    run = await sandboxnb.run(humaneval.load().select(["HumanEval/1", "HumanEval/2",
+                                                        "HumanEval/3"]),
+                              "oracle", runtime=modal_provider, max_concurrent=1, journal=None,
+                              progress=False)
+    assert run.counts() == {"ok": 2, "error": 1}
+    (failed,) = [r for r in run.rows if r["status"] == "error"]
+    assert "token lacks the sandbox:create permission" in failed["error"], failed["error"]
+    assert memu.rpc_calls["SandboxCreateV2"] == 3  # no retry of the permanent one
+    assert modal_provider.retry_stats.retries == 0
+
+
 async def test_modal_quota_exhausted_is_permanent(memu, modal_provider):
     memu.faults.add("SandboxCreateV2", "RESOURCE_EXHAUSTED", times=1,
                     message="workspace quota exceeded: 100 sandboxes")
