@@ -380,3 +380,16 @@ async def test_docker_create_whose_answer_was_lost_leaves_one_container():
     finally:
         await prov.aclose()
 
+
+
+def test_retry_after_header_forms():
+    from email.utils import formatdate
+
+    assert retry.retry_after_s({"Retry-After": "2"}) == 2.0
+    assert retry.retry_after_s({"retry-after": "0.5"}) == 0.5
+    in_a_minute = retry.retry_after_s({"Retry-After": formatdate(time.time() + 60, usegmt=True)})
+    assert in_a_minute is not None and 50 < in_a_minute <= 60
+    assert retry.retry_after_s({"Retry-After": formatdate(time.time() - 60, usegmt=True)}) == 0
+    assert retry.retry_after_s({"Retry-After": "soon"}) is None
+    assert retry.retry_after_s({"Retry-After": "inf"}) is None
+    assert retry.retry_after_s({}) is None and retry.retry_after_s(None) is None
