@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import wire as P
-from .connection import Connection
+from .gate import Gate
 from .handlers import HANDLERS
 from .log import log
 from .options import TOKEN_ENV
@@ -53,6 +53,8 @@ class Server:
         self.python_lock = _thread.allocate_lock()
         self.exiting = False
         self.handlers = HANDLERS
+        #: every new connection's handshake (bounded in bytes, time and count)
+        self.gate = Gate(self, opts.get("handshake_timeout") or P.HANDSHAKE_TIMEOUT_S)
 
     def info(self) -> dict[str, Any]:
         """What ``auth`` answers: who this server is and its limits."""
@@ -110,8 +112,7 @@ class Server:
                     sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
-            conn = Connection(self, sock, self.connections)
-            _thread.start_new_thread(conn.run, ())
+            self.gate.admit(sock, self.connections)
 
     def kill_children(self) -> None:
         """SIGKILL every process group this server started (exec commands, python worker)."""
