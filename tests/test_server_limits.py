@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,7 @@ import pytest
 
 from sandboxnb import client
 from sandboxnb.server import wire as P
+from sandboxnb.server.gate import MAX_PENDING
 
 from .test_server import TOKEN, Server
 
@@ -152,14 +155,15 @@ def test_a_drip_is_dropped_at_the_whole_handshake_deadline(tmp_path):
         srv.stop()
 
 
-def test_idle_unauthenticated_connections_do_not_lock_out_a_client(tmp_path):
-    """200 idle connections (no bytes, never closed) leave room for a real client's exec, also
-    under a memory limit that a thread per connection would exhaust."""
+@pytest.mark.parametrize("idle", [200, MAX_PENDING + 100])
+def test_idle_unauthenticated_connections_do_not_lock_out_a_client(tmp_path, idle):
+    """Idle connections (no bytes, never closed), also more than the server holds, leave room
+    for a real client's exec, under a memory limit that a thread per connection exhausts."""
     srv = Server(tmp_path, "--memory-mb", "256")
     hostile = []
     try:
         before = rss(srv)
-        for _ in range(200):
+        for _ in range(idle):
             hostile.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
 
         async def work() -> str:
@@ -179,6 +183,47 @@ def test_idle_unauthenticated_connections_do_not_lock_out_a_client(tmp_path):
         for sock in hostile:
             sock.close()
         srv.stop()
+
+
+#: Opens idle connections as fast as it can (keeping the newest 1500) until killed.
+CHURN = """
+import socket, sys
+held, opened = [], 0
+while True:
+    s = socket.socket(); s.setblocking(False)
+    s.connect_ex(("127.0.0.1", int(sys.argv[1]))); held.append(s)
+    if len(held) > 1500: held.pop(0).close()
+    opened += 1
+    if opened == 3000: print("flooding", flush=True)
+"""
+
+
+def test_a_connection_flood_does_not_push_out_clients(server):
+    """Two processes open thousands of idle connections a second; a client that connects in
+    the middle of it is read before the oldest connections are evicted, so it gets in."""
+    floods = [subprocess.Popen([sys.executable, "-c", CHURN, str(server.port)],
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+
+    async def clients() -> list[str]:
+        out = []
+        for _ in range(10):
+            sandbox = await client.connect(f"tcp://127.0.0.1:{server.port}", TOKEN,
+                                           connect_timeout_s=10)
+            try:
+                out.append((await sandbox.exec("echo in")).stdout)
+            finally:
+                await sandbox.close()
+        return out
+
+    try:
+        for flood in floods:  # 3000 connections each, far past what the server holds
+            assert flood.stdout.readline() == "flooding\n"
+        assert asyncio.run(clients()) == ["in\n"] * 10
+    finally:
+        for flood in floods:
+            flood.kill()
+            flood.wait()
+            flood.stdout.close()
 
 
 def test_an_oversized_frame_after_auth_is_refused_clearly(tmp_path):

@@ -7,7 +7,7 @@ reads every pending connection with ``poll()`` on one thread and
 - gives the whole handshake one deadline (``--handshake-timeout``), however slowly bytes drip in,
 - holds at most :data:`MAX_PENDING` of them: a new connection past that evicts the oldest, so no
   number of idle connections keeps a real client out or grows memory past
-  ``MAX_PENDING * MAX_AUTH_FRAME_BYTES``.
+  ``MAX_PENDING * MAX_AUTH_FRAME_BYTES`` (4 MB).
 
 The token is compared in constant time. An authenticated connection gets its own thread
 (:class:`.connection.Connection`), with any bytes it sent after the auth frame.
@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 
     from .lifecycle import Server
 
-#: Unauthenticated connections held at once; a new one past this evicts the oldest.
-MAX_PENDING = 64
+#: Unauthenticated connections held at once (at most a quarter of the open-file limit); a new
+#: one past this evicts the oldest. A client is read before anyone is evicted, so a flood must
+#: open this many connections while one client's auth frame is on its way to push it out.
+MAX_PENDING = 1024
 #: How long and how much a refused connection may still send (discarded) before it is closed:
 #: closing with unread bytes resets the connection, and the client could lose our error.
 LINGER_S = 1.0
@@ -62,7 +64,10 @@ class Gate:
         self.limit = P.MAX_AUTH_FRAME_BYTES
         self.lock = _thread.allocate_lock()
         self.incoming: list[Pending] = []  # accepted, not yet polled (guarded by lock)
-        self.pending: dict[int, Pending] = {}  # by fd, oldest first (gate thread only)
+        # by fd, oldest (nearest deadline) first; the gate thread's own
+        self.pending: dict[int, Pending] = {}
+        self.closing: dict[int, Pending] = {}  # refused, answered, draining
+        self.cap = MAX_PENDING
         self.wake_r = self.wake_w = -1
         self.started = False
 
@@ -72,7 +77,7 @@ class Gate:
         entry = Pending(sock, number, time.monotonic() + self.timeout)
         with self.lock:
             self.incoming.append(entry)
-            evicted = self.incoming.pop(0) if len(self.incoming) > MAX_PENDING else None
+            evicted = self.incoming.pop(0) if len(self.incoming) > self.cap else None
         if evicted is not None:
             _close(evicted.sock)
         if not self.started and not self._start():
@@ -84,6 +89,11 @@ class Gate:
 
     def _start(self) -> bool:
         try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY:
+                self.cap = max(16, min(MAX_PENDING, soft // 4))
             if self.wake_r < 0:
                 self.wake_r, self.wake_w = os.pipe()
                 os.set_blocking(self.wake_r, False)
@@ -117,31 +127,43 @@ class Gate:
             fd = entry.sock.fileno()
             self.pending[fd] = entry
             poller.register(fd, select.POLLIN)
-        while len(self.pending) > MAX_PENDING:
-            self._drop(poller, next(iter(self.pending)))
+        if len(self.pending) + len(self.closing) > self.cap:
+            # read what has already arrived first (a real client sends auth at once), then
+            # evict refused connections and the oldest pending ones
+            self._read_ready(poller, 0)
+            while self.closing and len(self.pending) + len(self.closing) > self.cap:
+                self._drop(poller, next(iter(self.closing)))
+            while len(self.pending) > self.cap:
+                self._drop(poller, next(iter(self.pending)))
         now = time.monotonic()
-        for fd, entry in list(self.pending.items()):
+        while self.closing:  # each dict is in deadline order: only its head can be due
+            fd, entry = next(iter(self.closing.items()))
             if entry.deadline > now:
-                continue
-            if entry.closing:
-                self._drop(poller, fd)
-            else:
-                self._refuse(entry, now, None, P.TIMEOUT,
-                             f"the handshake did not finish within {self.timeout:g} s; "
-                             "expected auth {token, protocol}")
-        deadlines = [entry.deadline for entry in self.pending.values()]
+                break
+            self._drop(poller, fd)
+        while self.pending:
+            fd, entry = next(iter(self.pending.items()))
+            if entry.deadline > now:
+                break
+            self._refuse(entry, now, None, P.TIMEOUT,
+                         f"the handshake did not finish within {self.timeout:g} s; "
+                         "expected auth {token, protocol}")
+        deadlines = [d[next(iter(d))].deadline for d in (self.pending, self.closing) if d]
         wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1) if deadlines else None
+        self._read_ready(poller, wait_ms)
+
+    def _read_ready(self, poller: Any, wait_ms: int | None) -> None:
         for fd, _events in poller.poll(wait_ms):
             if fd == self.wake_r:
                 try:
                     os.read(self.wake_r, 4096)
                 except OSError:
                     pass
-            elif fd in self.pending:
+            elif fd in self.pending or fd in self.closing:
                 self._read(poller, fd)
 
     def _read(self, poller: Any, fd: int) -> None:
-        entry = self.pending[fd]
+        entry = self.pending.get(fd) or self.closing[fd]
         want = 65536 if entry.closing else self.limit + 1 - len(entry.buf)
         try:
             data = entry.sock.recv(want)
@@ -209,9 +231,12 @@ class Gate:
         entry.closing = True
         entry.buf = bytearray()
         entry.deadline = now + LINGER_S
+        fd = sock.fileno()
+        self.pending.pop(fd, None)
+        self.closing[fd] = entry
 
     def _drop(self, poller: Any, fd: int) -> None:
-        entry = self.pending.pop(fd)
+        entry = self.pending.pop(fd, None) or self.closing.pop(fd)
         try:
             poller.unregister(fd)
         except (KeyError, ValueError):
