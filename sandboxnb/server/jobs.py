@@ -8,6 +8,7 @@ as ``job.prepared``; ``run(job, params, prepare=False)`` then does the work on t
 from __future__ import annotations
 
 import _thread
+import os
 
 from . import wire as P
 from .log import log
@@ -18,6 +19,45 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .connection import Connection
+
+
+#: Guards ``Server.process_groups``. A group is forgotten under it after its leader has exited
+#: but BEFORE the leader is reaped (its pid cannot be handed out again while it is a zombie), and
+#: groups are signalled under it only while still known: a recycled pid is never signalled.
+GROUPS_LOCK = _thread.allocate_lock()
+
+
+def exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited (it is NOT reaped: its pid stays ours)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def forget_group(server: Any, pid: int) -> None:
+    """Wait until our child ``pid`` (a group leader) has exited, then forget its group; the
+    caller reaps it afterwards."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass
+    with GROUPS_LOCK:
+        server.process_groups.discard(pid)
+
+
+def signal_group(server: Any, pgid: int, sig: int, *, group: bool = True) -> None:
+    """Send ``sig`` to a process group we started (or only its leader), if still ours."""
+    with GROUPS_LOCK:
+        if pgid not in server.process_groups:
+            return
+        try:
+            if group:
+                os.killpg(pgid, sig)
+            else:
+                os.kill(pgid, sig)
+        except OSError:
+            pass
 
 
 class Job:

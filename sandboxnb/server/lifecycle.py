@@ -114,18 +114,24 @@ class Server:
             _thread.start_new_thread(conn.run, ())
 
     def kill_children(self) -> None:
-        """SIGKILL every process group this server started (exec commands, python worker)."""
+        """SIGKILL every process group this server started that is still ours (exec commands,
+        the python worker): groups are forgotten as their leaders are reaped (see
+        :data:`.jobs.GROUPS_LOCK`), so a recycled pid is never signalled."""
         import _signal
 
-        worker = self.python
-        if worker is not None:
-            worker.kill()
-        for pgid in list(self.process_groups):
-            try:
-                os.killpg(pgid, _signal.SIGKILL)
-            except OSError:
-                pass
-        self.process_groups.clear()
+        from .jobs import GROUPS_LOCK
+
+        acquired = GROUPS_LOCK.acquire(True, 5.0)  # bounded: exit must not hang
+        try:
+            for pgid in list(self.process_groups):
+                try:
+                    os.killpg(pgid, _signal.SIGKILL)
+                except OSError:
+                    pass
+            self.process_groups.clear()
+        finally:
+            if acquired:
+                GROUPS_LOCK.release()
 
     def exit(self, code: int = 0) -> None:
         """Kill children and leave the process at once."""
