@@ -124,7 +124,7 @@ async def test_cpu_quota_when_supported(provider):
             assert inside
             quota = Path(f"/sys/fs/cgroup/cpu/sandboxnb/{ep.sandbox_id}/cpu.cfs_quota_us")
             assert quota.read_text().strip() == "50000"  # noqa: ASYNC240
-            members = (quota.parent / "cgroup.procs").read_text().split()  # noqa: ASYNC240
+            members = (quota.parent / "cgroup.procs").read_text().split()
             assert str(ep.meta["pid"]) in members and len(members) >= 3  # server, sleep
     assert not quota.parent.exists()
 

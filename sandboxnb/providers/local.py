@@ -35,7 +35,8 @@ server started, and a ``setsid`` escape may survive.
 
 Owner death (kill -9): the jail and the namespaces die with their owner (parent-death signal);
 a ``"none"`` server exits through its dead-man switch. Directories and cgroups a dead owner left
-are removed by the next LocalProvider of any owner (once per process) and by
+are removed when a LocalProvider of any owner next starts a sandbox there (once per process) and
+by
 ``sandboxnb gc --runtime local``: each sandbox directory records its owner's pid and start time.
 
 Honoured fields: ``resources.memory_mb`` (RLIMIT_AS on every process, plus a memory cgroup
@@ -176,10 +177,6 @@ class LocalProvider(Provider):
         if any(h.kind == "cpu" for h in self._hierarchies):
             self.supported = type(self).supported | {"resources.cpu"}  # type: ignore[misc]
         self._live: dict[str, LocalSandbox] = {}
-        temp_root = self.root or tempfile.gettempdir()
-        if temp_root not in _swept:  # what dead owners left here, once per process
-            _swept.add(temp_root)
-            sweep_dead_owners(temp_root)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -193,7 +190,11 @@ class LocalProvider(Provider):
 
     # -- backend hooks ----------------------------------------------------------------------
     async def create(self, spec: LaunchSpec) -> LocalSandbox:
-        root = Path(self.root or tempfile.gettempdir(), f"sandboxnb-{spec.sandbox_id}")
+        temp_root = self.root or tempfile.gettempdir()
+        if temp_root not in _swept:  # what dead owners left here, once per process
+            _swept.add(temp_root)
+            sweep_dead_owners(temp_root)
+        root = Path(temp_root, f"sandboxnb-{spec.sandbox_id}")
         root.mkdir(mode=0o700)  # noqa: ASYNC240 - the id is random: one that exists is an error
         box = LocalSandbox(spec.sandbox_id, spec.labels, root)
         self._live[spec.sandbox_id] = box
