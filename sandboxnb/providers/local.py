@@ -230,6 +230,8 @@ class LocalProvider(Provider):
                                     home=str(home), passwd_fd=fds[2], group_fd=fds[3]), *argv]
             elif self.isolation == "namespaces":
                 argv = [*_UNSHARE, *argv]
+            if box.cgroups is not None:  # joined before exec: nothing it starts is outside
+                argv = [*box.cgroups.join_argv(), *argv]
             env = clean_env(python=self.python, home=str(home), tmp=tmp, extra=self.env)
             if resources.memory_mb:
                 env["MALLOC_ARENA_MAX"] = "2"  # fewer malloc arenas reserving address space
@@ -238,9 +240,9 @@ class LocalProvider(Provider):
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
                     cwd=workdir, env=env, start_new_session=True, close_fds=True,
                     pass_fds=fds,
-                    # join the cgroups before exec: nothing the sandbox starts is outside them;
-                    # a jail cannot watch our pid from its pid namespace: it dies with us
-                    preexec_fn=_child_setup(box.cgroups, self.isolation != "none"),
+                    # unshare's namespaces cannot watch our pid: it dies with us (bwrap does
+                    # that itself with --die-with-parent; no preexec_fn keeps the fast spawn)
+                    preexec_fn=_die_with_parent if self.isolation == "namespaces" else None,
                 )
         finally:
             listener.close()  # the server holds its own copies
@@ -384,19 +386,6 @@ def _data_pipes(blobs: tuple[bytes, ...]) -> list[int]:
         os.close(w)
         fds.append(r)
     return fds
-
-
-def _child_setup(cgroups: SandboxCgroups | None, die_with_parent: bool) -> Any:
-    if cgroups is None and not die_with_parent:
-        return None
-
-    def setup() -> None:
-        if cgroups is not None:
-            cgroups.join()
-        if die_with_parent:
-            _die_with_parent()
-
-    return setup
 
 
 def _child_pidfds(parent: int) -> list[int]:

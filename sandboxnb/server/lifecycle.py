@@ -115,11 +115,12 @@ class Server:
 
     def kill_children(self) -> None:
         """SIGKILL every process group this server started that is still ours (exec commands,
-        the python worker): groups are forgotten as their leaders are reaped (see
-        :data:`.jobs.GROUPS_LOCK`), so a recycled pid is never signalled."""
+        the python worker), and the processes a finished command left in its group (held by
+        pidfd): groups are forgotten as their leaders are reaped (see :data:`.jobs.GROUPS_LOCK`),
+        so a recycled pid is never signalled."""
         import _signal
 
-        from .jobs import GROUPS_LOCK
+        from .jobs import GROUPS_LOCK, kill_lingering
 
         acquired = GROUPS_LOCK.acquire(True, 5.0)  # bounded: exit must not hang
         try:
@@ -129,6 +130,7 @@ class Server:
                 except OSError:
                     pass
             self.process_groups.clear()
+            kill_lingering()  # what finished commands left in their groups
         finally:
             if acquired:
                 GROUPS_LOCK.release()
