@@ -115,18 +115,26 @@ class Server:
             self.gate.admit(sock, self.connections)
 
     def kill_children(self) -> None:
-        """SIGKILL every process group this server started (exec commands, python worker)."""
+        """SIGKILL every process group this server started that is still ours (exec commands,
+        the python worker), and the processes a finished command left in its group (held by
+        pidfd): groups are forgotten as their leaders are reaped (see :data:`.jobs.GROUPS_LOCK`),
+        so a recycled pid is never signalled."""
         import _signal
 
-        worker = self.python
-        if worker is not None:
-            worker.kill()
-        for pgid in list(self.process_groups):
-            try:
-                os.killpg(pgid, _signal.SIGKILL)
-            except OSError:
-                pass
-        self.process_groups.clear()
+        from .jobs import GROUPS_LOCK, kill_lingering
+
+        acquired = GROUPS_LOCK.acquire(True, 5.0)  # bounded: exit must not hang
+        try:
+            for pgid in list(self.process_groups):
+                try:
+                    os.killpg(pgid, _signal.SIGKILL)
+                except OSError:
+                    pass
+            self.process_groups.clear()
+            kill_lingering()  # what finished commands left in their groups
+        finally:
+            if acquired:
+                GROUPS_LOCK.release()
 
     def exit(self, code: int = 0) -> None:
         """Kill children and leave the process at once."""

@@ -21,7 +21,7 @@ USAGE = (
     "[--sandbox-id ID] [--idle-timeout S] [--startup-timeout S] [--handshake-timeout S] "
     "[--memory-mb N] "
     "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N] [--owner-pid PID] "
-    "[--listen-fd FD] [--token-fd FD]\n"
+    "[--listen-fd FD] [--token-fd FD] [--max-processes N]\n"
     f"The token is read from --token-fd (a pipe, closed after reading) or env {TOKEN_ENV}."
 )
 _OPTIONS = {
@@ -39,6 +39,7 @@ _OPTIONS = {
     "--owner-pid": int,
     "--listen-fd": int,
     "--token-fd": int,
+    "--max-processes": int,
 }
 
 
@@ -53,7 +54,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         "idle_timeout": 300.0, "startup_timeout": 60.0,
         "handshake_timeout": wire.HANDSHAKE_TIMEOUT_S, "memory_mb": None, "workdir": None,
         "max_frame_bytes": wire.MAX_FRAME_BYTES, "max_file_bytes": wire.MAX_FILE_BYTES,
-        "owner_pid": None, "listen_fd": None, "token_fd": None,
+        "owner_pid": None, "listen_fd": None, "token_fd": None, "max_processes": None,
     }
     i = 0
     while i < len(argv):
