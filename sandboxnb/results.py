@@ -30,6 +30,10 @@ COLUMNS = [
     "status",
     "reward",
     "error",
+    "error_type",
+    "phase",
+    "traceback",
+    "output_tail",
     "started_at",
     "acquire_s",
     "rollout_s",
@@ -42,7 +46,7 @@ COLUMNS = [
     "answer",
     "info",
 ]
-_CATEGORICAL = ["provider", "status", "image", "gpu"]
+_CATEGORICAL = ["provider", "status", "image", "gpu", "phase"]
 #: the status of a rollout's row
 STATUSES = ("ok", "error", "timeout", "cancelled")
 
