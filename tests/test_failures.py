@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 
 import sandboxnb
+from sandboxnb.agents import current_repeat
 from sandboxnb.failure import TRACEBACK_CHARS, TRACEBACK_LINES
-from sandboxnb.tasks import Grade, Task
+from sandboxnb.tasks import Task
 
 FAILURE_COLUMNS = ("error_type", "error", "phase", "traceback", "output_tail")
 
@@ -104,3 +106,128 @@ async def test_traceback_and_output_tail_are_bounded():
     assert "earlier" in tb.splitlines()[0]  # says that it was cut
     assert len(row["output_tail"]) <= 2048 and row["output_tail"].endswith("the-last-line\n")
     assert len(row["error"]) <= 400
+
+
+# -- errors(), retry(), compare() ----------------------------------------------------------------
+def _tasks(n: int) -> list[dict]:
+    return [{"id": f"t{i}", "prompt": str(i), "grader": {"type": "match", "expected": str(i)}}
+            for i in range(n)]
+
+
+def flaky_agent():
+    """Fails on odd task numbers the first time it sees them (a user agent with a bug that a
+    retry gets past), answers right otherwise."""
+    seen: set[tuple[str, int]] = set()
+
+    async def agent(sandbox, task):
+        key = (task.id, current_repeat())
+        first = key not in seen
+        seen.add(key)
+        await sandbox.exec(["echo", f"working on {task.id}"])
+        if first and int(task.prompt) % 2:
+            raise ConnectionError(f"model API hiccup on {task.id}")
+        return task.prompt
+
+    return agent
+
+
+async def test_errors_lists_the_failed_rollouts(tmp_path):
+    run = await sandboxnb.run(_tasks(6), flaky_agent(), "local", journal=tmp_path / "j.jsonl",
+                              max_concurrent=3, progress=False)
+    errors = run.errors()
+    assert sorted(errors["task_id"]) == ["t1", "t3", "t5"]
+    assert list(errors.columns) == ["task_id", "repeat", "status", "phase", "error_type", "error",
+                                    "traceback", "output_tail", "duration_s", "sandbox_id"]
+    assert set(errors["phase"]) == {"agent"} and set(errors["error_type"]) == {"ConnectionError"}
+    assert all("working on t" in tail for tail in errors["output_tail"])
+    assert run.results.score() == (0.5, 6) and run.mean_reward() == 1.0
+    loaded = sandboxnb.load(tmp_path / "j.jsonl")
+    assert sorted(loaded.errors()["task_id"]) == ["t1", "t3", "t5"]
+
+
+async def test_retry_reruns_exactly_the_failed_rollouts_into_the_same_journal(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    agent = flaky_agent()
+    first = await sandboxnb.run(_tasks(6), agent, "local", journal=journal, repeats=2,
+                                max_concurrent=4, progress=False)
+    assert first.counts() == {"error": 6, "ok": 6}
+    ok_before = {(r["task_id"], r["repeat"]): r["sandbox_id"] for r in first.rows
+                 if r["status"] == "ok"}
+    second = await first.retry()
+    assert second is not first and second.status == "done"
+    new_rows = second.rows[len(second.plan.previous):]
+    assert sorted((r["task_id"], r["repeat"]) for r in new_rows) == sorted(
+        (f"t{i}", k) for i in (1, 3, 5) for k in (0, 1))  # exactly the failed ones, once each
+    assert second.counts() == {"ok": 12} and second.results.score() == (1.0, 12)
+    frame = second.to_pandas()
+    assert len(frame) == 12 and not frame.duplicated(["task_id", "repeat"]).any()
+    kept = {(r["task_id"], r["repeat"]): r["sandbox_id"] for r in second.rows[:6]}
+    assert kept == ok_before  # the rollouts that passed were not run again
+    lines = [line for line in journal.read_text().splitlines() if '"task_id"' in line]
+    assert len(lines) == 18  # the journal holds both attempts...
+    loaded = sandboxnb.load(journal)  # ...and the loader keeps the latest row per rollout
+    assert len(loaded) == 12 and loaded.counts() == {"ok": 12}
+    pd.testing.assert_frame_equal(
+        loaded.to_pandas().sort_values(["task_id", "repeat"]).reset_index(drop=True),
+        frame.sort_values(["task_id", "repeat"]).reset_index(drop=True))
+    nothing = await second.retry()  # nothing failed: a run with no rollouts
+    assert nothing.status == "done" and nothing.counts() == {"ok": 12}
+
+
+async def test_retry_after_a_restart_from_the_journal(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    await sandboxnb.run(_tasks(4), flaky_agent(), "local", journal=journal, progress=False)
+    assert sandboxnb.load(journal).counts() == {"error": 2, "ok": 2}
+    # a new kernel: a fresh agent object (that has not failed yet, so make it pass)
+    async def fixed_agent(sandbox, task):
+        return task.prompt
+
+    again = await sandboxnb.run(_tasks(4), fixed_agent, "local", journal=journal, resume=True,
+                                retry=("error", "timeout"), progress=False)
+    assert len(again.rows) == 4 and again.counts() == {"ok": 4}
+    assert sorted(r["task_id"] for r in again.rows[2:]) == ["t1", "t3"]
+    assert sandboxnb.load(journal).counts() == {"ok": 4}
+    with pytest.raises(ValueError, match=r"retry = .* resume = False"):
+        sandboxnb.start(_tasks(4), fixed_agent, journal=journal, retry="error")
+    with pytest.raises(ValueError, match=r"status = 'ok': expected one or more of error"):
+        again.retry("ok")
+
+
+async def test_retry_of_a_running_run_is_refused():
+    async def slow(sandbox, task):
+        await sandbox.exec(["sleep", "30"])
+
+    run = sandboxnb.start(_tasks(1), slow, "local", journal=None)
+    try:
+        with pytest.raises(RuntimeError, match="is running: wait for it to end"):
+            run.retry()
+    finally:
+        run.cancel()
+        await run.wait()
+
+
+async def test_compare_two_runs_task_by_task(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    before = await sandboxnb.run(_tasks(6), flaky_agent(), "local", journal=journal,
+                                 progress=False)
+
+    async def breaks_t0(sandbox, task):
+        return "wrong" if task.id == "t0" else task.prompt
+
+    after = await sandboxnb.run([*_tasks(6), {"id": "t9", "prompt": "9"}], breaks_t0, "local",
+                                journal=None, progress=False)
+    result = sandboxnb.compare(before, after)
+    table = result.table
+    assert table.loc["t0", "change"] == "pass->fail"
+    assert list(table[table["change"] == "fail->pass"].index) == ["t1", "t3", "t5"]
+    assert table.loc["t9", "change"] == "only in b" and math.isnan(table.loc["t9", "reward_a"])
+    assert table.loc["t1", "reward_a"] == 0.0 and table.loc["t1", "failed_a"] == 1
+    assert result.totals == {"tasks": 7, "both": 6, "reward_a": 0.5, "reward_b": 5 / 6,
+                             "passed_a": 3, "passed_b": 5, "pass->fail": 1, "fail->pass": 3,
+                             "same": 2, "only in a": 0, "only in b": 1}
+    assert "pass->fail 1, fail->pass 3" in repr(result) and "t0" in repr(result)
+    # the same from a journal path and a DataFrame
+    same = sandboxnb.compare(journal, after.to_pandas())
+    assert same.totals == result.totals
+    with pytest.raises(ValueError, match=r"b = int: expected a Run, Results"):
+        sandboxnb.compare(before, 3)
