@@ -274,6 +274,17 @@ class Run:
         return [{"task_id": task_id, "repeat": repeat, "started_at": wall, "age_s": now - began}
                 for (task_id, repeat), (began, wall) in running]
 
+    def task(self, task_id: str) -> Task | None:
+        """The task of this run with id ``task_id`` (None if it has none)."""
+        for item in self.plan.rollouts:
+            if item.task.id == task_id:
+                return item.task
+        if self._recipe is not None:
+            for task in self._recipe.tasks:
+                if task.id == task_id:
+                    return task
+        return None
+
     @property
     def elapsed_s(self) -> float:
         """Seconds since the run started (its wall time once it ended; 0 before it starts)."""

@@ -3,6 +3,7 @@ rollouts of a run can be listed, retried into the same journal and compared with
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pandas as pd
@@ -12,6 +13,8 @@ import sandboxnb
 from sandboxnb.agents import current_repeat
 from sandboxnb.failure import TRACEBACK_CHARS, TRACEBACK_LINES
 from sandboxnb.tasks import Task
+
+from .helpers import wait_until_async
 
 FAILURE_COLUMNS = ("error_type", "error", "phase", "traceback", "output_tail")
 
@@ -231,3 +234,42 @@ async def test_compare_two_runs_task_by_task(tmp_path):
     assert same.totals == result.totals
     with pytest.raises(ValueError, match=r"b = int: expected a Run, Results"):
         sandboxnb.compare(before, 3)
+
+
+# -- what the monitor reads ----------------------------------------------------------------------
+async def test_monitor_snapshot_counts_denominators_and_the_oldest_running(tmp_path):
+    from sandboxnb.notebook.monitor_state import MonitorState
+
+    release = asyncio.Event()
+
+    async def agent(sandbox, task):
+        if task.id == "t5":
+            await release.wait()  # stuck until the test lets it go
+        if task.id in ("t1", "t3"):
+            raise ValueError(f"bad {task.id}")
+        return task.prompt
+
+    run = sandboxnb.start(_tasks(6), agent, "local", journal=None, max_concurrent=3)
+    state = MonitorState(run)
+    empty = state.snapshot()
+    assert empty["done"] == 0 and empty["scored"] == 0 and empty["bar_style"] == ""
+    await wait_until_async(lambda: len(run.rows) == 5, 60, "every task but the stuck one")
+    await wait_until_async(lambda: run.in_flight() and run.in_flight()[0]["age_s"] > 0.5, 30,
+                           "the stuck rollout to age")
+    snap = state.snapshot()
+    assert snap["done"] == 5 and snap["total"] == 6 and snap["in_flight"] == 1
+    (oldest,) = snap["oldest"]
+    assert oldest["task_id"] == "t5" and oldest["repeat"] == 0 and oldest["age_s"] > 0.5
+    assert snap["counts"] == {"ok": 3, "error": 2} and list(snap["counts"]) == ["ok", "error"]
+    assert (snap["score"], snap["scored"]) == (0.6, 5)  # errors count 0, over 5 rollouts
+    assert (snap["mean_reward"], snap["graded"]) == (1.0, 3)
+    newest_first = [r["task_id"] for r in reversed(run.rows) if r["status"] == "error"]
+    assert snap["failed"] == 2 and [r["task_id"] for r in snap["errors"]] == newest_first
+    assert snap["bar_style"] == "danger" and not snap["finished"]
+    assert snap["rate"] > 0 and snap["eta_s"] > 0 and snap["elapsed_s"] > 0
+    release.set()
+    await run
+    done = state.snapshot()
+    assert done["finished"] and done["in_flight"] == 0 and done["oldest"] == [] and \
+        done["eta_s"] == 0.0 and done["bar_style"] == "danger"
+    assert run.in_flight() == []

@@ -10,7 +10,8 @@ arrive on the kernel loop thread; they only set widget traits.
 
 from __future__ import annotations
 
-import math
+import asyncio
+import contextlib
 import threading
 from html import escape
 from typing import Any
@@ -20,8 +21,18 @@ import ipywidgets as w
 from sandboxnb.errors import ConfigError
 from sandboxnb.notebook.form import FORM_FIELDS, LauncherController
 from sandboxnb.notebook.loop import remember_kernel_loop
+from sandboxnb.notebook.monitor_html import (
+    STATUS_COLOURS,
+    compact_html,
+    counts_html,
+    header_html,
+    oldest_html,
+    reward_html,
+    rollout_html,
+    row_html,
+)
 from sandboxnb.notebook.monitor_state import MonitorState
-from sandboxnb.notebook.reprs import format_age, reward_histogram_svg, table_html
+from sandboxnb.notebook.reprs import format_age, histogram_svg, reward_histogram_svg
 from sandboxnb.options import OPTIONS, Option
 
 __all__ = ["Launcher", "Monitor"]
@@ -176,54 +187,167 @@ class Launcher(w.VBox):
         super().close()
 
 
+class _RowView:
+    """One clickable row of a monitor table: the task's button (opens the rollout) and the
+    row's cells. A fixed pool of these is re-filled on each refresh (no widget churn)."""
+
+    def __init__(self, on_open: Any) -> None:
+        self.row: dict[str, Any] | None = None
+        self.button = w.Button(layout=w.Layout(width="180px"), tooltip="open this rollout")
+        self.button.add_class("sandboxnb-open")
+        self.cells = w.HTML("")
+        self.box = w.HBox([self.button, self.cells], layout=w.Layout(display="none"))
+        self.box.add_class("sandboxnb-run-row")
+        self.button.on_click(lambda _b: on_open(self.row) if self.row is not None else None)
+
+    def show(self, row: dict[str, Any] | None) -> None:
+        self.row = row
+        if row is None:
+            self.box.layout.display = "none"
+            return
+        repeat = row.get("repeat")
+        self.button.description = f"{row.get('task_id')}" + (f" #{repeat}" if repeat else "")
+        self.cells.value = row_html(row)
+        self.box.layout.display = ""
+
+
 class Monitor(w.VBox):
-    """Live view of a Run: progress, counts, running mean reward, newest rows, reward
-    histogram and a Cancel button. Fed by ``run.subscribe`` (rows arrive on the run's loop)."""
+    """Live view of a Run: progress bar (red with errors, orange with timeouts, green only when
+    every rollout was graded), elapsed, rate, ETA, rollouts in flight and the oldest running,
+    counts by status in colour, the mean reward with its denominator, reward and duration
+    histograms, the latest errors and newest rows (click one to open that rollout) and a Cancel
+    button. A finished run collapses to one line (``details`` expands it). Fed by
+    ``run.subscribe`` (rows arrive on the run's loop) and a tick each second while it runs."""
+
+    TICK_S = 1.0
 
     def __init__(self, run: Any) -> None:
         self.run = run
         self.state = MonitorState(run)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._tick_task: Any = None
         self.progress = w.IntProgress(value=0, min=0, max=max(int(run.total or 0), 1),
                                       description="rollouts")
+        self.header = w.HTML("")
         self.counts = w.HTML("")
         self.mean = w.HTML("")
-        self.newest = w.HTML("")
+        self.oldest = w.HTML("")
         self.histogram = w.HTML("")
+        self.durations = w.HTML("")
+        self.error_rows = [_RowView(self.open_rollout) for _ in range(self.state.errors)]
+        self.newest_rows = [_RowView(self.open_rollout) for _ in range(self.state.newest)]
+        self.errors_title = w.HTML("")
+        self.newest_title = w.HTML("<b>newest rows</b> <small>(click one to open it)</small>")
+        self.detail = w.HTML("")
+        self.detail.add_class("sandboxnb-detail")
+        self.close_detail = w.Button(description="close", icon="times",
+                                     layout=w.Layout(width="80px"))
+        self.close_detail.on_click(lambda _b: self.show_rollout(None))
+        self.detail_box = w.VBox([self.close_detail, self.detail],
+                                 layout=w.Layout(display="none"))
         self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning")
         self.cancel_button.on_click(self._on_cancel)
         self.status = w.HTML("")
-        super().__init__([
-            w.HBox([self.progress, self.counts]), self.mean,
-            w.HBox([self.histogram, self.newest]), w.HBox([self.cancel_button, self.status]),
+        self.compact = w.HTML("")
+        self.compact.add_class("sandboxnb-compact-line")
+        self.expand = w.ToggleButton(value=False, description="details", icon="chevron-down",
+                                     layout=w.Layout(width="100px", display="none"))
+        self.expand.observe(lambda _c: self._show_body(), names="value")
+        self.body = w.VBox([
+            w.HBox([self.progress, self.header]), self.counts, self.mean, self.oldest,
+            w.HBox([self.histogram, self.durations]),
+            self.errors_title, *(r.box for r in self.error_rows),
+            self.newest_title, *(r.box for r in self.newest_rows),
+            self.detail_box, w.HBox([self.cancel_button, self.status]),
         ])
+        super().__init__([w.HBox([self.compact, self.expand]), self.body])
+        self.add_class("sandboxnb-monitor")
         self._unsubscribe = run.subscribe(self._on_row)
         self._forget_end = run.add_done_callback(self._on_end)
         self.refresh()
+        self._start_ticker()
 
+    # ---- updates -------------------------------------------------------------------------
     def _on_row(self, _row: dict[str, Any]) -> None:
         self.refresh()
 
     def _on_end(self, _run: Any) -> None:
         self.refresh()
 
+    def _start_ticker(self) -> None:
+        """Refresh each second while the run runs (ages, elapsed and ETA move without rows)."""
+        loop = getattr(self.run, "loop", None)
+        if loop is None or self.run.done():
+            return
+
+        def begin() -> None:
+            if not self._closed:
+                self._tick_task = loop.create_task(self._tick())
+
+        try:
+            loop.call_soon_threadsafe(begin)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    async def _tick(self) -> None:
+        while not self._closed and not self.run.done():
+            await asyncio.sleep(self.TICK_S)
+            self.refresh()
+
     def refresh(self) -> None:
         """Redraw every part from the run (safe from any thread)."""
-        snap = self.state.snapshot()
-        self.progress.max = max(snap["total"], 1)
-        self.progress.value = min(snap["done"], self.progress.max)
-        self.counts.value = (f"{snap['done']}/{snap['total']} &nbsp; " + ", ".join(
-            f"{escape(k)}: <b>{v}</b>" for k, v in snap["counts"].items()))
-        mean = snap["mean_reward"]
-        self.mean.value = "mean reward: <b>{}</b>".format(
-            "-" if math.isnan(mean) else f"{mean:.3f}")
-        self.histogram.value = reward_histogram_svg(snap["rewards"])
-        cols = ("task_id", "status", "reward", "duration_s")
-        self.newest.value = table_html(
-            cols, ([_fmt(r.get(c)) for c in cols] for r in snap["newest"]))
-        self.status.value = f"status: <b>{escape(snap['status'])}</b>"
-        if snap["finished"]:
-            self.cancel_button.disabled = True
-            self.progress.bar_style = "success" if snap["status"] == "done" else "warning"
+        with self._lock:
+            snap = self.state.snapshot()
+            self.snapshot = snap
+            self.progress.max = max(snap["total"], 1)
+            self.progress.value = min(snap["done"], self.progress.max)
+            self.progress.bar_style = snap["bar_style"]
+            self.header.value = header_html(snap)
+            self.counts.value = counts_html(snap["counts"])
+            self.mean.value = reward_html(snap)
+            self.oldest.value = oldest_html(snap)
+            self.histogram.value = reward_histogram_svg(snap["rewards"])
+            self.durations.value = histogram_svg(
+                snap["durations"], title="duration", lo=0.0, unit="s",
+                css_class="sandboxnb-hist sandboxnb-hist-duration")
+            errors = snap["errors"]
+            self.errors_title.value = (
+                f"<b style='color:{STATUS_COLOURS['error']}'>latest errors</b> "
+                f"<small>({snap['failed']} failed; click one to open it)</small>"
+                if errors else "")
+            for view, row in zip(self.error_rows, errors + [None] * len(self.error_rows),
+                                 strict=False):
+                view.show(row)
+            for view, row in zip(self.newest_rows,
+                                 snap["newest"] + [None] * len(self.newest_rows), strict=False):
+                view.show(row)
+            self.status.value = f"status: <b>{escape(snap['status'])}</b>"
+            self.compact.value = compact_html(snap)
+            if snap["finished"]:
+                self.cancel_button.disabled = True
+            self._show_body()
+
+    def _show_body(self) -> None:
+        """Running: the whole monitor. Ended: one line, the rest behind ``details``."""
+        ended = bool(getattr(self, "snapshot", {}).get("finished"))
+        self.compact.layout.display = "" if ended else "none"
+        self.expand.layout.display = "" if ended else "none"
+        self.body.layout.display = "" if (not ended or self.expand.value) else "none"
+
+    # ---- one rollout ---------------------------------------------------------------------
+    def open_rollout(self, row: dict[str, Any]) -> None:
+        """Show everything about ``row``'s rollout below the tables."""
+        self.show_rollout(row)
+
+    def show_rollout(self, row: dict[str, Any] | None) -> None:
+        if row is None:
+            self.detail.value = ""
+            self.detail_box.layout.display = "none"
+            return
+        task = self.run.task(row.get("task_id")) if hasattr(self.run, "task") else None
+        self.detail.value = rollout_html(row, task)
+        self.detail_box.layout.display = ""
 
     def _on_cancel(self, *_: Any) -> None:
         self.cancel_button.disabled = True
@@ -231,10 +355,11 @@ class Monitor(w.VBox):
         self.run.cancel()
 
     def close(self) -> None:
+        self._closed = True
         self._unsubscribe()
         self._forget_end()
+        task = self._tick_task
+        if task is not None and not task.done():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing ticks
+                task.get_loop().call_soon_threadsafe(task.cancel)
         super().close()
-
-
-def _fmt(value: Any) -> Any:
-    return f"{value:.3g}" if isinstance(value, float) else value
