@@ -187,11 +187,20 @@ def test_monitor_follows_a_run():
         wait_until(lambda: run.done(), 120, what="run end")
         wait_until(lambda: mon.cancel_button.disabled, 30, what="monitor sees the end")
         assert mon.progress.value == mon.progress.max == 6
-        assert "ok: <b>6</b>" in mon.counts.value
-        assert "1.000" in mon.mean.value
-        assert mon.histogram.value.count("<rect") == 10 and "6</title>" in mon.histogram.value
-        assert mon.newest.value.count("<tr>") == 6  # header + 5 newest
-        assert "done" in mon.status.value
+        assert mon.progress.bar_style == "success"
+        assert "ok 6" in mon.counts.value and "sandboxnb-count-ok" in mon.counts.value
+        assert "1.000</b> over 6 rollouts" in mon.mean.value and "graded" not in mon.mean.value
+        assert mon.histogram.value.count("<rect") == 10 and ">6</text>" in mon.histogram.value
+        assert "reward (n=6)" in mon.histogram.value
+        assert "duration (n=6)" in mon.durations.value
+        shown = [v for v in mon.newest_rows if v.box.layout.display != "none"]
+        assert len(shown) == 5 and all(">1.0<" in v.cells.value for v in shown)  # as pandas
+        assert mon.errors_title.value == "" and "done" in mon.status.value
+        # ended: one line; the rest behind "details"
+        assert mon.body.layout.display == "none" and mon.compact.layout.display == ""
+        assert "ok 6" in mon.compact.value and "6/6" in mon.compact.value
+        mon.expand.value = True
+        assert mon.body.layout.display == ""
     finally:
         _finish(run)
 
@@ -208,3 +217,89 @@ def test_monitor_cancel_stops_the_run_cleanly():
         wait_until(lambda: not live_sandbox_servers(), 30, what="sandboxes released")
     finally:
         _finish(run)
+
+
+def _start(tasks, agent, **kwargs):
+    import sandboxnb.scheduler as sched
+
+    async def begin():
+        return sched.start(tasks, agent, "local", journal=None, **kwargs)
+
+    return loop.submit(begin()).result(30)
+
+
+def _numbered(n: int) -> list[dict]:
+    return [{"id": f"t{i}", "prompt": str(i), "grader": {"type": "match", "expected": str(i)}}
+            for i in range(n)]
+
+
+async def _odd_fails(sandbox, task):
+    await sandbox.exec(["echo", f"tried {task.id}"])
+    if int(task.prompt) % 2:
+        raise ConnectionError(f"model API hiccup on {task.id}")
+    return task.prompt
+
+
+def test_monitor_shows_failures_and_opens_a_rollout():
+    run = _start(_numbered(6), _odd_fails, max_concurrent=3)
+    try:
+        mon = nb.monitor(run)
+        wait_until(lambda: run.done(), 120, what="run end")
+        wait_until(lambda: mon.cancel_button.disabled, 30, what="monitor sees the end")
+        assert mon.progress.bar_style == "danger"  # not green: rollouts failed
+        assert "sandboxnb-count-error" in mon.counts.value and "error 3" in mon.counts.value
+        assert "--jp-error-color1" in mon.counts.value
+        assert ("0.500</b> over 6 rollouts" in mon.mean.value
+                and "errors and timeouts count 0; 1.000 over 3 graded" in mon.mean.value)
+        assert "latest errors" in mon.errors_title.value and "3 failed" in mon.errors_title.value
+        shown = [v for v in mon.error_rows if v.box.layout.display != "none"]
+        assert sorted(v.row["task_id"] for v in shown) == ["t1", "t3", "t5"]
+        assert all("ConnectionError: model API hiccup" in v.cells.value for v in shown)
+        assert mon.detail_box.layout.display == "none"
+        shown[0].button.click()  # open that rollout
+        opened = shown[0].row["task_id"]
+        assert mon.detail_box.layout.display == ""
+        detail = mon.detail.value
+        assert f"<b>{opened}</b>" in detail and "prompt" in detail and "traceback" in detail
+        assert "in _odd_fails" in detail and f"tried {opened}" in detail
+        assert "ConnectionError during agent" in detail
+        mon.close_detail.click()
+        assert mon.detail_box.layout.display == "none"
+        assert "&#10008;" in mon.compact.value and "error 3" in mon.compact.value
+    finally:
+        _finish(run)
+
+
+def test_monitor_names_a_stuck_rollout_and_keeps_ticking():
+    async def agent(sandbox, task):
+        if task.id == "t3":
+            await sandbox.exec(["sleep", "60"])
+        return task.prompt
+
+    run = _start(_numbered(4), agent, max_concurrent=4)
+    try:
+        mon = nb.monitor(run)
+        wait_until(lambda: len(run.rows) == 3, 60, what="all but the stuck rollout")
+        # no row arrives any more: the tick alone moves the age on
+        wait_until(lambda: "<code>t3</code> 2." in mon.oldest.value
+                   or "<code>t3</code> 3." in mon.oldest.value, 30,
+                   what="the oldest running rollout named with its age")
+        assert "1 in flight" in mon.header.value and "3/4" in mon.header.value
+        assert mon.progress.bar_style == "" and mon.body.layout.display == ""
+    finally:
+        _finish(run)
+    wait_until(lambda: mon.progress.bar_style == "warning", 30, what="cancelled: not green")
+
+
+def test_an_empty_monitor_says_no_rows_yet():
+    from sandboxnb.plan import make_plan
+    from sandboxnb.scheduler import Run
+
+    run = Run(make_plan(_numbered(2), _odd_fails, journal=None))  # not started: no rows
+    mon = nb.monitor(run)
+    assert "no rows yet" in mon.histogram.value and "no rows yet" in mon.durations.value
+    assert "no rows yet" in mon.counts.value and "no finished rollouts yet" in mon.mean.value
+    assert "0/2" in mon.header.value and mon.progress.bar_style == ""
+    run.cancel()
+    assert run.done() and mon.progress.bar_style == "warning"
+    mon.close()
