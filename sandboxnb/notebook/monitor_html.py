@@ -106,7 +106,7 @@ def compact_html(snap: dict[str, Any]) -> str:
     score = "-" if not snap["scored"] else f"{snap['score']:.3f} over {snap['scored']}"
     return (f"<span class='sandboxnb-compact'><span style='color:{colour}'>"
             f"{mark.get(snap['bar_style'], '')}</span> <b>{escape(snap['name'])}</b> "
-            f"{escape(snap['status'])}: {snap['done']}/{snap['total']} &middot; "
+            f"&middot; {escape(snap['status'])} &middot; {snap['done']}/{snap['total']} &middot; "
             f"{counts_html(snap['counts'])} &middot; mean reward {score} &middot; "
             f"{_seconds(snap['elapsed_s'])}</span>")
 

@@ -334,6 +334,8 @@ class Monitor(w.VBox):
         self.compact.layout.display = "" if ended else "none"
         self.expand.layout.display = "" if ended else "none"
         self.body.layout.display = "" if (not ended or self.expand.value) else "none"
+        self.expand.description = "hide" if self.expand.value else "details"
+        self.expand.icon = "chevron-up" if self.expand.value else "chevron-down"
 
     # ---- one rollout ---------------------------------------------------------------------
     def open_rollout(self, row: dict[str, Any]) -> None:
