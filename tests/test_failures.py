@@ -177,14 +177,24 @@ async def test_retry_reruns_exactly_the_failed_rollouts_into_the_same_journal(tm
     assert nothing.status == "done" and nothing.counts() == {"ok": 12}
 
 
-async def test_retry_after_a_restart_from_the_journal(tmp_path):
-    journal = tmp_path / "j.jsonl"
-    await sandboxnb.run(_tasks(4), flaky_agent(), "local", journal=journal, progress=False)
-    assert sandboxnb.load(journal).counts() == {"error": 2, "ok": 2}
-    # a new kernel: a fresh agent object (that has not failed yet, so make it pass)
-    async def fixed_agent(sandbox, task):
-        return task.prompt
+FAIL_ODD = {"on": True}
 
+
+async def outage_agent(sandbox, task):
+    """Fails on odd tasks while the outage lasts (a module-level agent: the same after a
+    restart, as a notebook's agent is)."""
+    if FAIL_ODD["on"] and int(task.prompt) % 2:
+        raise ConnectionError("model API down")
+    return task.prompt
+
+
+async def test_retry_after_a_restart_from_the_journal(tmp_path, monkeypatch):
+    journal = tmp_path / "j.jsonl"
+    monkeypatch.setitem(FAIL_ODD, "on", True)
+    await sandboxnb.run(_tasks(4), outage_agent, "local", journal=journal, progress=False)
+    assert sandboxnb.load(journal).counts() == {"error": 2, "ok": 2}
+    FAIL_ODD["on"] = False  # a new kernel, the outage over: only the journal is left
+    fixed_agent = outage_agent
     again = await sandboxnb.run(_tasks(4), fixed_agent, "local", journal=journal, resume=True,
                                 retry=("error", "timeout"), progress=False)
     assert len(again.rows) == 4 and again.counts() == {"ok": 4}
@@ -217,7 +227,7 @@ async def test_compare_two_runs_task_by_task(tmp_path):
     async def breaks_t0(sandbox, task):
         return "wrong" if task.id == "t0" else task.prompt
 
-    after = await sandboxnb.run([*_tasks(6), {"id": "t9", "prompt": "9"}], breaks_t0, "local",
+    after = await sandboxnb.run(_tasks(6) + _tasks(10)[9:], breaks_t0, "local",
                                 journal=None, progress=False)
     result = sandboxnb.compare(before, after)
     table = result.table
