@@ -110,6 +110,7 @@ def test_kernel_shutdown_releases_a_never_exited_launch(emu, extension):
             output_hook=lambda msg: out.append(msg["content"].get("text", "")))
         assert reply["content"]["status"] == "ok", out
         modal_id, local_id = "".join(out).split()
+        assert modal_id.startswith("modal-")
         assert len(emu.live_sandboxes()) == 1 and processes_with(local_id)
         km.shutdown_kernel(now=False)
     wait_until(lambda: not emu.live_sandboxes(), 30, "the Modal sandbox to be released")

@@ -428,11 +428,15 @@ class SandboxManager:
             job.loop.call_soon_threadsafe(record._stop.set)
 
     def stop_all(self, timeout: float = 30.0) -> list[str]:
-        """Stop every sandbox (concurrently) and wait; returns their names."""
+        """Stop every sandbox (concurrently) and wait, and forget the ended ones; returns their
+        names."""
         records = self.records()
         for record in records:
             self._request_stop(record)
         self._wait_stopped(records, timeout)
+        for record in records:
+            if record.state == "ended":
+                self.forget(record.name)
         return [r.name for r in records]
 
     async def stop_all_async(self, within_s: float = 30.0) -> list[str]:
