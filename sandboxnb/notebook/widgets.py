@@ -30,7 +30,7 @@ __all__ = ["Launcher", "Monitor"]
 
 _ERR = "<span style='color:var(--jp-error-color1,#cf222e)'>{}</span>"
 _NOTE = "<span style='color:var(--jp-ui-font-color2,#57606a)'>{}</span>"
-_LABEL = w.Layout(width="130px")
+_LABEL = w.Layout(width="130px", min_width="130px")
 #: Launcher table columns and their widths.
 _COLUMNS = (("name", "90px"), ("provider", "70px"), ("id", "170px"), ("age", "60px"),
             ("config", "240px"), ("state", "260px"))
@@ -39,6 +39,8 @@ AGE_TICK_S = 1.0
 
 
 def _row(label: str, widget: w.Widget, error: w.HTML, css: str = "") -> w.HBox:
+    widget.layout.width = widget.layout.min_width = "300px"  # fixed; the notes take the rest
+    error.layout.flex, error.layout.margin = "1 1 auto", "0 0 0 8px"
     row = w.HBox([w.Label(label, layout=_LABEL), widget, error])
     if css:
         row.add_class(css)
