@@ -40,6 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="JSONL file that receives each row as it finishes (default: a new file in ./runs)",
     )
     run.add_argument("--resume", action="store_true", help="continue an existing journal")
+    run.add_argument("--force-resume", action="store_true",
+                     help="continue an existing journal even though its header shows another "
+                          "run (other tasks, agent, runtime, config or repeats)")
     run.add_argument("--output", "-o", help="write all rows to .jsonl, .csv or .parquet")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     options.add_runtime_arguments(run)
@@ -141,7 +144,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         timeout_s=args.rollout_timeout_s,
         journal=args.journal,
-        resume=args.resume,
+        resume="force" if args.force_resume else args.resume,
         progress=not args.no_progress,
     )
     if args.output:
