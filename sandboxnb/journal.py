@@ -64,9 +64,13 @@ class Journal:
 
     def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_torn_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_torn_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"journal = {str(self.path)!r} cannot be written ({err.strerror}); "
+                              "expected a file path in a writable folder") from None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxnb-journal")
         if header is not None:  # durable before the first row: a crash keeps what the run was
             self._write(encode_row({HEADER_KEY: JOURNAL_FORMAT, **header}))

@@ -27,6 +27,7 @@ from typing import Any
 from sandboxnb.agents import Agent, resolve_agent
 from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
 from sandboxnb.journal import read_entries
+from sandboxnb.options import parse_count
 from sandboxnb.providers import Provider, get_provider
 from sandboxnb.tasks import Task, Taskset
 
@@ -128,8 +129,8 @@ def make_plan(
             not isinstance(resume, bool)):
         raise ConfigError(f"resume = {resume!r}: expected True, False or 'force' (continue a "
                           "journal even though it was written by another run)")
-    max_concurrent = _positive_int("max_concurrent", max_concurrent)
-    repeats = _positive_int("repeats", repeats)
+    max_concurrent = parse_count(max_concurrent, "max_concurrent")
+    repeats = parse_count(repeats, "repeats")
     if timeout_s is not None and (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, int | float)
@@ -138,6 +139,7 @@ def make_plan(
     ):
         raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 or None")
     tasks = Taskset.load(taskset)
+    _check_tasks(tasks)
     agent_fn = resolve_agent(agent)
     base = merge_config(RuntimeConfig(), config)
     provider = get_provider(runtime)
@@ -319,10 +321,16 @@ def _config_changes(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any
     return changes
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
-    return value
+def _check_tasks(tasks: Taskset) -> None:
+    """A run needs at least one task, and every task a grader (else each rollout would start
+    a sandbox only to fail at grading)."""
+    if not len(tasks):
+        raise ConfigError(f"taskset {tasks.name!r} has no tasks; expected at least one task")
+    for index, task in enumerate(tasks):
+        if task.grader is None:
+            raise ConfigError(
+                f"{tasks.name}[{index}].grader = None (task {task.id!r}): expected a grader "
+                "object with type exec, python or match, or an async callable")
 
 
 def _as_int(value: Any) -> int | None:
@@ -361,10 +369,12 @@ def _journal_path(journal: Any, resume: bool, name: str) -> Path | None:
         return None
     if journal == "auto":
         return _auto_journal_path(name)
-    if not isinstance(journal, str | os.PathLike) or not str(journal):
+    if not isinstance(journal, str | os.PathLike) or not str(journal) or os.path.isdir(journal):
+        what = " is a directory" if isinstance(journal, str | os.PathLike) and str(journal) \
+            else ""
         raise ConfigError(
-            f"journal = {journal!r}: expected a file path, 'auto' (a new file under ./runs) "
-            "or None (no journal)"
+            f"journal = {journal!r}{what}: expected a file path, 'auto' (a new file under "
+            "./runs) or None (no journal)"
         )
     return Path(journal)
 

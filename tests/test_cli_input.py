@@ -23,7 +23,7 @@ def _run(tmp_path, *args: str, env: dict[str, str] | None = None):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--runtime", "daytona"], "--runtime 'daytona' is unavailable here: set DAYTONA_API_KEY"),
-    (["--output", "/nonexistent/dir/x.csv"], "its folder '/nonexistent/dir' does not exist"),
+    (["--output", "/nonexistent/dir/x.csv"], "its folder '/nonexistent/dir' is not writable"),
     (["--cpu", "1e9"], "resources.cpu = 1000000000.0: Input should be less than or equal"),
     (["--memory-mb", "1"], "resources.memory_mb = 1"),
     (["--idle-timeout", "inf"], "limits.idle_timeout_s = 'inf'"),
