@@ -32,17 +32,42 @@ from sandboxnb.errors import SandboxnbError
 _SPAWNS = ("subprocess.Popen", "os.posix_spawn", "os.exec")
 _MARKERS = ("sandboxnb.server", "sandboxnb/server")
 
+# The CLI rows run in one probe process that installs the hook, imports the CLI once, then forks
+# a child per row that runs ``sandboxnb.cli.main(argv)`` as ``python -m sandboxnb`` would (its
+# own cwd, TMPDIR, stdout and stderr files, spawn log): each row is its own process, at the cost
+# of a fork instead of an interpreter start.
 PROBE = rf"""
-import os, runpy, sys
-_log = os.environ["SANDBOXNB_PROBE_LOG"]
+import json, os, sys
+_log = [None]
 def _hook(event, args):
-    if event in {_SPAWNS!r} and any(m in repr(args) for m in {_MARKERS!r}) or (
-            event == "tempfile.mkdtemp" and "sandboxnb-" in str(args[0])):
-        with open(_log, "a") as fh:
+    if _log[0] and (event in {_SPAWNS!r} and any(m in repr(args) for m in {_MARKERS!r}) or (
+            event == "tempfile.mkdtemp" and "sandboxnb-" in str(args[0]))):
+        with open(_log[0], "a") as fh:
             fh.write(event + " " + repr(args)[:300] + "\n")
 sys.addaudithook(_hook)
-sys.argv = ["sandboxnb", *sys.argv[1:]]
-runpy.run_module("sandboxnb", run_name="__main__", alter_sys=True)
+import sandboxnb.cli, sandboxnb.scheduler, sandboxnb.tasks, sandboxnb.providers.local
+for job in map(json.loads, sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(job["cwd"])
+        os.environ["TMPDIR"] = job["cwd"]
+        import tempfile
+        tempfile.tempdir = None
+        _log[0] = job["log"]
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            out = os.open(os.path.join(job["cwd"], name), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(out, fd)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        try:
+            code = sandboxnb.cli.main(job["argv"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps([job["id"], os.waitstatus_to_exitcode(status)]), flush=True)
 """
 
 _RECORDING: list[list[str]] = []  # the open recordings of this process's hook
@@ -284,7 +309,7 @@ def cli_outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProces
     files["{garbage}"] = str(base / "garbage.jsonl")
     rows = [*CLI, _cli_row("control", [], "", "", "")]
 
-    def one(row: Row):
+    def job(row: Row) -> dict[str, Any]:
         where = base / row.id
         where.mkdir()
         args = [files.get(arg, arg) for arg in row.given]
@@ -302,21 +327,31 @@ def cli_outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProces
             args += ["--agent", "oracle"]
         if "--runtime" not in args:
             args += ["--runtime", "local"]
-        log = where / "spawns.log"
-        argv = [sys.executable, "-c", PROBE, "run", taskset, "--no-progress", *args]
-        try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=60, check=False, cwd=where,
-                env={**os.environ, "TMPDIR": str(where), "SANDBOXNB_PROBE_LOG": str(log),
-                     "DAYTONA_API_KEY": ""},
-            )
-        except subprocess.TimeoutExpired as err:  # that row's test fails, not the others
-            proc = subprocess.CompletedProcess(argv, -9, str(err.stdout), f"timed out: {err}")
-        spawns = log.read_text().splitlines() if log.exists() else []
-        return row.id, (proc, spawns, where)
+        return {"id": row.id, "cwd": str(where), "log": str(where / "spawns.log"),
+                "argv": ["run", taskset, "--no-progress", *args]}
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(one, rows))
+    jobs = [job(row) for row in rows]
+    lanes = [jobs[i::4] for i in range(4)]  # 4 probe processes, each forking its rows in turn
+
+    def lane(part: list[dict[str, Any]]) -> list[tuple[str, int]]:
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBE], input="".join(json.dumps(j) + "\n" for j in part),
+            capture_output=True, text=True, timeout=300, check=False,
+            env={**os.environ, "DAYTONA_API_KEY": ""})
+        assert proc.returncode == 0, proc.stderr
+        return [tuple(json.loads(line)) for line in proc.stdout.splitlines()]
+
+    with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+        codes = dict(code for part in pool.map(lane, lanes) for code in part)
+    outcomes = {}
+    for j in jobs:
+        where = Path(j["cwd"])
+        log = where / "spawns.log"
+        proc = subprocess.CompletedProcess(j["argv"], codes.get(j["id"], -1),
+                                           (where / "stdout").read_text(),
+                                           (where / "stderr").read_text())
+        outcomes[j["id"]] = (proc, log.read_text().splitlines() if log.exists() else [], where)
+    return outcomes
 
 
 def _assert_names(message: str, row: Row) -> None:
