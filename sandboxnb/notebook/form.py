@@ -16,7 +16,7 @@ from sandboxnb.notebook.sandboxes import (
     manager,
     validate_launch,
 )
-from sandboxnb.options import OPTIONS, config_from_options
+from sandboxnb.options import OPTIONS, check_variable_name, config_from_options
 
 __all__ = ["FORM_FIELDS", "LauncherController"]
 
@@ -97,9 +97,11 @@ class LauncherController:
         elif not info["available"]:
             errors["provider"] = f"{provider} is unavailable here: {info['reason']}"
         name = (values.get("name") or "").strip()
-        if name and not (name.isidentifier() and name.isascii()):
-            errors["name"] = (f"name = {name!r} is not a valid Python identifier (it becomes a "
-                              "variable); use letters, digits and underscores, e.g. sb1")
+        if name:
+            try:
+                check_variable_name(name, "name")
+            except ConfigError as err:
+                errors["name"] = str(err)
         given, field_errors = self.parse(values)
         errors.update(field_errors)
         if errors:

@@ -23,7 +23,7 @@ from sandboxnb.errors import ConfigError, SandboxnbError
 from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, format_age, provider_rows
-from sandboxnb.notebook.sandboxes import SandboxManager, did_you_mean, manager, validate_launch
+from sandboxnb.notebook.sandboxes import SandboxManager, manager, validate_launch
 
 __all__ = ["RemoteCellError", "RemoteValue", "SandboxMagics"]
 
@@ -32,6 +32,7 @@ class _Parser(MagicArgumentParser):
     """MagicArgumentParser whose errors show the usage line and where to read more."""
 
     def error(self, message: str):
+        message = options.explain_usage_error(self, message)
         raise UsageError(f"{self.prog}: {message}\n{self.plain_usage()}\n"
                          "(see %sandbox? for every subcommand and option)")
 
@@ -69,9 +70,12 @@ def _line_parser() -> _Parser:
     run.add_argument("--agent", required=True,
                      help="'oracle', 'samples:PATH', 'module:function' or a variable name")
     run.add_argument("--runtime", help="provider name (default: the configured one)")
-    run.add_argument("--max-concurrent", type=int, dest="max_concurrent", default=None)
-    run.add_argument("--repeats", type=int, default=1)
-    run.add_argument("--limit", type=int, help="only the first N tasks")
+    run.add_argument("--max-concurrent", type=options.count_type("--max-concurrent"),
+                     dest="max_concurrent", default=None, metavar="N")
+    run.add_argument("--repeats", type=options.count_type("--repeats"), default=1, metavar="N")
+    run.add_argument("--tasks", help="only task ids matching these globs (comma-separated)")
+    run.add_argument("--limit", type=options.count_type("--limit", None), metavar="N",
+                     help="only the first N tasks (after --tasks)")
     options.add_rollout_timeout(run)
     run.add_argument("--journal", help="JSONL file that receives every row as it finishes")
     run.add_argument("-o", "--output", dest="output", help="store the results DataFrame here")
@@ -106,6 +110,15 @@ RuntimeDefaults = type(Configurable)(
     (Configurable,),
     {f"default_{opt.name}": _default_trait(opt) for opt in options.OPTIONS},
 )
+
+
+def _check_name(value: str | None, flag: str) -> None:
+    """A name that becomes a notebook variable: an identifier, not a keyword, not a builtin."""
+    if value is not None:
+        try:
+            options.check_variable_name(value, flag)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
 
 
 class RemoteCellError(SandboxnbError):
@@ -203,8 +216,8 @@ class SandboxMagics(Magics, RuntimeDefaults):
           %sandbox providers
           %sandbox doctor [PROVIDER] [runtime options]
           %sandbox run TASKSET --agent AGENT [--runtime PROVIDER] [--max-concurrent N]
-                       [--repeats N] [--limit N] [--rollout-timeout SECONDS] [--journal PATH]
-                       [-o VAR] [runtime options]
+                       [--repeats N] [--tasks GLOBS] [--limit N] [--rollout-timeout SECONDS]
+                       [--journal PATH] [-o VAR] [runtime options]
 
         Cell magic (runs the cell in a sandbox: Python in its persistent namespace, or a shell
         script with --bash; output streams live; Kernel > Interrupt cancels it remotely)::
@@ -232,6 +245,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
     # ---- subcommands -------------------------------------------------------------------
     def _cmd_launch(self, args: argparse.Namespace) -> None:
+        _check_name(args.name, "--name")
         provider = args.provider or self.default_provider
         config = self._config(args)
         if args.replace and not args.name:
@@ -315,12 +329,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
         from sandboxnb.scheduler import start
         from sandboxnb.tasks import Taskset
 
-        for field, value in (("--max-concurrent", args.max_concurrent),
-                             ("--repeats", args.repeats), ("--limit", args.limit)):
-            if value is not None and value < 1:
-                raise UsageError(f"{field} = {value}: expected an integer >= 1")
-        if args.output is not None and not args.output.isidentifier():
-            raise UsageError(f"-o {args.output!r}: expected a Python variable name")
+        _check_name(args.output, "-o")
         runtime = args.runtime or self.default_provider
         ns = self.shell.user_ns
         taskset_arg = ns.get(args.taskset, args.taskset) if args.taskset.isidentifier() and \
@@ -332,6 +341,8 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
         try:
             tasks = Taskset.load(taskset_arg)
+            if args.tasks is not None:
+                tasks = tasks.select(options.parse_globs(args.tasks, "--tasks"))
             if args.limit is not None:
                 tasks = Taskset(list(tasks)[: args.limit], name=tasks.name)
         except (ValueError, OSError) as err:
@@ -370,8 +381,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
     # ---- cell magic --------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> Any:
         args = CELL_PARSER.parse_argstring(line)
-        if args.output is not None and not args.output.isidentifier():
-            raise UsageError(f"-o {args.output!r}: expected a Python variable name")
+        _check_name(args.output, "-o")
         target = args.target
         record = self.manager.get(target) if target else None
         if target and record is None and self.manager.ended(target) is not None:
@@ -391,7 +401,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
             provider = target or self.default_provider
             if provider not in provider_names():
                 running = self.manager.names()
-                hint = did_you_mean(provider, [*running, *provider_names()])
+                hint = options.did_you_mean(provider, [*running, *provider_names()])
                 raise UsageError(
                     f"%%sandbox {target}: no running sandbox and no provider of that name"
                     f"{hint}; running: {', '.join(running) or 'none'}; providers: "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import difflib
 import re
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any
 from sandboxnb.config import RuntimeConfig, config_from_flat
 from sandboxnb.errors import ConfigError, SandboxError, SandboxnbError, StartupTimeout
 from sandboxnb.notebook.loop import Job, run_blocking, submit, wait_finished
-from sandboxnb.options import OPTIONS, Option
+from sandboxnb.options import OPTIONS, Option, did_you_mean
 
 __all__ = [
     "SandboxManager",
@@ -152,12 +151,6 @@ def ended_reason(sandbox: Any) -> str | None:
     if getattr(sandbox, "closed", False):
         return "its server went away"
     return None
-
-
-def did_you_mean(value: str, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``."""
-    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class SandboxManager:
