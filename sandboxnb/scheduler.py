@@ -97,7 +97,7 @@ class Run:
             ) from None
         _check_journal_free(self.plan.journal)
         if self.plan.journal is not None:
-            self._journal = Journal(self.plan.journal)
+            self._journal = Journal(self.plan.journal, header=self.plan.header)
         self.status = "running"
         self._began = time.monotonic()
         self.started_at = datetime.now(UTC)
@@ -365,7 +365,7 @@ def start(
     repeats: int = 1,
     timeout_s: float | None = None,
     journal: str | Path | None = "auto",
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = False,
     retry: str | Iterable[str] | None = None,
 ) -> Run:
@@ -375,9 +375,11 @@ def start(
     crashed kernel loses nothing. The default, ``"auto"``, writes a new file under ``./runs/``
     (or ``$SANDBOXNB_RUNS_DIR``); ``None`` turns journaling off. An existing journal is refused
     unless ``resume=True``, which keeps its rows and runs only the (task, repeat) pairs it does
-    not hold yet; ``retry=("error", "timeout")`` also runs again the rollouts whose latest row
-    in it has one of those statuses (a retry after a kernel restart). ``progress=True`` shows a
-    text progress bar.
+    not hold yet; the journal's header must show the same run (taskset and its tasks, agent,
+    runtime, config, repeats), and ``resume="force"`` continues it even if not.
+    ``retry=("error", "timeout")`` also runs again the rollouts whose latest row in it has one
+    of those statuses (a retry after a kernel restart). ``progress=True`` shows a text
+    progress bar.
     """
     statuses = retry_statuses(retry) if retry is not None else ()
     if statuses and not resume:
@@ -416,7 +418,7 @@ async def run(
     repeats: int = 1,
     timeout_s: float | None = None,
     journal: str | Path | None = "auto",
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
     retry: str | Iterable[str] | None = None,
 ) -> Run:
