@@ -68,11 +68,10 @@ def with_retries(plan: Plan, rows: Iterable[dict[str, Any]], statuses: tuple[str
         raise ConfigError(f"cannot retry {len(missing)} rollout(s) {missing[:3]}: their tasks "
                           "are not part of this run's taskset")
     retried = [item for key, item in found.items() if key in again]
-    changes: dict[str, Any] = {
-        "rollouts": (*plan.rollouts, *retried),
-        "previous": tuple(r for r in latest if _key(r) not in again),
-        "provider": provider,
-    }
-    if "header" in {f.name for f in dataclasses.fields(plan)}:
-        changes["header"] = None  # the journal already says what the run is
-    return dataclasses.replace(plan, **changes)
+    return dataclasses.replace(
+        plan,
+        rollouts=(*plan.rollouts, *retried),
+        previous=tuple(r for r in latest if _key(r) not in again),
+        provider=provider,
+        header=None,  # the journal already says what the run is
+    )

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sandboxnb.agents import Agent
 from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
 from sandboxnb.journal import Journal
+from sandboxnb.options import parse_count
 from sandboxnb.plan import Plan, PlannedRollout, make_plan
 from sandboxnb.providers import Provider
 from sandboxnb.results import Results
@@ -317,8 +319,12 @@ class Run:
                             statuses, self._recipe, self.plan.rollouts)
         changes: dict[str, Any] = {}
         if max_concurrent is not None:
-            changes["max_concurrent"] = _count("max_concurrent", max_concurrent)
+            changes["max_concurrent"] = parse_count(max_concurrent, "max_concurrent")
         if timeout_s != "same":
+            if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
+                    timeout_s, int | float) or not math.isfinite(timeout_s) or timeout_s <= 0):
+                raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 "
+                                  "or None")
             changes["timeout_s"] = timeout_s
         retried = Run(dataclasses.replace(plan, **changes), self._recipe).start()
         if progress:
@@ -344,12 +350,6 @@ def _check_journal_free(path: Path | None) -> None:
         if other.journal_path is not None and other.journal_path.resolve() == path.resolve():
             raise RuntimeError(f"journal = {str(path)!r} is being written by run {other.name} "
                                f"({other.id}), which is {other.status}: wait for it to end")
-
-
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
-    return value
 
 
 TasksetLike = str | Path | Taskset | Iterable[Task | Mapping[str, Any]]

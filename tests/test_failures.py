@@ -204,6 +204,10 @@ async def test_retry_after_a_restart_from_the_journal(tmp_path, monkeypatch):
         sandboxnb.start(_tasks(4), fixed_agent, journal=journal, retry="error")
     with pytest.raises(ValueError, match=r"status = 'ok': expected one or more of error"):
         again.retry("ok")
+    with pytest.raises(ValueError, match=r"max_concurrent = 0: expected an integer >= 1"):
+        again.retry(max_concurrent=0)
+    with pytest.raises(ValueError, match=r"timeout_s = -1: expected a number of seconds > 0"):
+        again.retry(timeout_s=-1)
 
 
 async def test_retry_of_a_running_run_is_refused():
