@@ -227,14 +227,15 @@ async def test_oracle_humaneval_subset_scores_full_reward():
     [
         (["run", "humaneval"], "--agent"),
         (["run", "humaneval", "--agent", "oracle", "--runtime", "nowhere"], "not a known provider"),
-        (["run", "humaneval", "--agent", "oracle", "--cpu", "-2"], "resources.cpu = -2.0"),
+        (["run", "humaneval", "--agent", "oracle", "--cpu", "-2"], "resources.cpu = '-2'"),
         (
             ["run", "humaneval", "--agent", "oracle", "--gpu", "H100"],
             "local does not support resources.gpu",
         ),
         (["run", "humaneval", "--agent", "oracle", "--output", "out.xlsx"], "use .jsonl, .csv"),
         (["run", "humaneval", "--agent", "oracle", "--tasks", "Nope/*"], "matches no task id"),
-        (["run", "humaneval", "--agent", "oracle", "--max-concurrent", "0"], "max_concurrent = 0"),
+        (["run", "humaneval", "--agent", "oracle", "--max-concurrent", "0"],
+         "--max-concurrent = '0'"),
         (["run", "missing.jsonl", "--agent", "oracle"], "cannot be read"),
     ],
 )
@@ -490,7 +491,12 @@ def test_results_statistics_on_rows():
     assert results.counts() == {"error": 1, "ok": 2, "timeout": 1}
     assert results.rewards() == [1.0, 0.0] and results.mean_reward() == 0.5
     assert [r["task_id"] for r in results.newest(2)] == ["d", "c"]
-    assert results.summary() == "4/6 rollouts (error 1, ok 2, timeout 1); mean reward 0.500"
+    assert results.score() == (0.25, 4)  # errors and timeouts count 0
+    assert results.summary() == ("4/6 rollouts (error 1, ok 2, timeout 1); mean reward 0.250 "
+                                 "over 4 rollouts (errors and timeouts count 0; 0.500 over 2 "
+                                 "graded)")
+    assert Results([{"task_id": "a", "status": "ok", "reward": 1.0}]).summary() == (
+        "1/1 rollouts (ok 1); mean reward 1.000 over 1 rollouts")
     assert math.isnan(Results().mean_reward())
     assert Results().summary() == "0/0 rollouts (no rows); mean reward -"
 
@@ -520,7 +526,8 @@ async def test_a_run_timeout_row_says_so():
     async def agent(sandbox, task):
         await sandbox.exec(["sleep", "30"])
 
-    run = await sandboxnb.run([{"id": "t", "prompt": "p"}], agent, "local", journal=None,
+    task = {"id": "t", "prompt": "p", "grader": {"type": "match", "expected": ""}}
+    run = await sandboxnb.run([task], agent, "local", journal=None,
                               progress=False, config={"limits": {"run_timeout_s": 1}})
     (row,) = run.rows
     assert row["status"] == "timeout", row
