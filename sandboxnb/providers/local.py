@@ -116,8 +116,8 @@ class LocalProvider(Provider):
             args = spec.server_args(workdir=str(workdir), memory_mb=True,
                                     listen=["--listen-fd", str(fd), "--token-fd",
                                             str(token_read)],
-                                    owner_pid=None if self.isolation == "namespaces"
-                                    else os.getpid())
+                                    **({} if self.isolation == "namespaces" else
+                                       {"owner_pid": os.getpid(), "remove_dir": str(root)}))
             argv = [self.python, "-S", "-E", "-s", str(bundle_path()), *args]
             if self.isolation == "namespaces":
                 argv = [*_UNSHARE, *argv]
