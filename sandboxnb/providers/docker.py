@@ -5,6 +5,11 @@ starts. It listens on port :data:`PORT` inside, published on ``127.0.0.1`` (an e
 port). The synchronous ``docker`` SDK runs in the provider's own threads, never on the loop.
 ``cpu`` -> ``--cpus``, ``memory_mb`` -> ``--memory`` (swap included: a hard cap), ``gpu`` ->
 ``--gpus N`` (a count only: Docker cannot select a GPU model).
+
+When the owner dies, its containers go within seconds: a reaper process
+(:mod:`.docker_reaper`, one per provider, started with the first sandbox) removes every
+container of the provider's session, started or only created, once the owner's pipe closes.
+The server's dead-man switch is the second net, and ``--rm`` leaves no stopped container.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -95,6 +102,7 @@ class DockerProvider(Provider):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._client: Any = None
         self._lock = threading.Lock()
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run an SDK call in the provider's threads."""
@@ -141,7 +149,34 @@ class DockerProvider(Provider):
         return kwargs
 
     async def create(self, spec: LaunchSpec) -> Container:
+        self._start_reaper(spec)
         return await self._call(self._create, spec)
+
+    def _start_reaper(self, spec: LaunchSpec) -> None:
+        """Start the reaper that removes our containers if we die (once per provider)."""
+        if self._reaper is not None and self._reaper.poll() is None:
+            return
+        script = os.path.join(os.path.dirname(__file__), "docker_reaper.py")
+        args = [spec.labels[f"{LABEL}.session"], spec.labels[f"{LABEL}.pid"]]
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-I", "-u", script, *args, *([self.base_url] if self.base_url else [])],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)  # no Ctrl-C of ours reaches it
+
+    async def _stop_reaper(self) -> None:
+        """A clean close: tell the reaper there is nothing to reap and wait for it to exit."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is None:
+            return
+        with contextlib.suppress(OSError):
+            assert reaper.stdin is not None
+            reaper.stdin.write(b"q")
+            reaper.stdin.close()
+        try:
+            await asyncio.to_thread(reaper.wait, 10)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            await asyncio.to_thread(reaper.wait)
 
     def _create(self, spec: LaunchSpec) -> Container:
         """Create, copy the server in, attach to its output, start. (A container that fails to
@@ -225,6 +260,7 @@ class DockerProvider(Provider):
 
     async def aclose(self) -> None:
         await super().aclose()
+        await self._stop_reaper()
         client, pool, self._client, self._pool = self._client, self._pool, None, None
         if client is not None:
             with contextlib.suppress(Exception):

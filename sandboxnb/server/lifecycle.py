@@ -12,7 +12,8 @@ killed) when
   ``--remove-dir`` it then also removes that directory (the sandbox's host directory).
 
 It also leaves on ``shutdown`` or SIGTERM (the owner's release; ``--remove-dir`` is removed
-then too, so an owner killed while releasing leaves no directory behind). ``--idle-timeout 0`` switches the idle rule off.
+then too, so an owner killed while releasing leaves no directory behind). ``--idle-timeout 0``
+switches the idle rule off.
 """
 
 from __future__ import annotations
