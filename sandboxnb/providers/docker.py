@@ -159,7 +159,7 @@ class DockerProvider(Provider):
         script = os.path.join(os.path.dirname(__file__), "docker_reaper.py")
         args = [spec.labels[f"{LABEL}.session"], spec.labels[f"{LABEL}.pid"]]
         self._reaper = subprocess.Popen(
-            [sys.executable, "-I", "-u", script, *args, *([self.base_url] if self.base_url else [])],
+            [sys.executable, "-I", "-u", script, *args, *filter(None, [self.base_url])],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True)  # no Ctrl-C of ours reaches it
 

@@ -3,7 +3,10 @@
 The dead-man switch: the server leaves by itself (exit code 0, every child process group
 killed) when
 
-* no client has connected within ``--startup-timeout`` of its start;
+* no client has connected within ``--startup-timeout`` of its start, or, when the idle rule is
+  on, within ``max(idle, FIRST_CLIENT_S)`` if that is shorter (15 s by default: a live owner
+  connects within a second or two of the server listening; an owner killed while acquiring
+  never does);
 * its last client has been gone for ``--idle-timeout`` (15 s by default: a few of the clients'
   3 s heartbeats). A client is gone when its connection closes, or when it has sent nothing,
   not even a heartbeat, for the silence limit (``max(idle, SILENT_CLIENT_S)``, see
@@ -35,6 +38,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .pyprocess import PythonWorker
+
+#: With the idle rule on, the server waits at most ``max(idle, FIRST_CLIENT_S)`` (and at most
+#: ``--startup-timeout``) for its first client.
+FIRST_CLIENT_S = 15.0
 
 
 class Server:
@@ -100,8 +107,7 @@ class Server:
             remaining = self.idle_remaining()
             if remaining is not None and remaining <= 0:
                 why = "idle" if self.ever_connected else "no client connected"
-                limit = self.idle_timeout if self.ever_connected else self.startup_timeout
-                log(f"{why} for {limit:g}s: exiting (dead-man switch)")
+                log(f"{why} for {self.idle_limit():g}s: exiting (dead-man switch)")
                 self.exit(0)
             # wake at least every second: the owner check is the local sandbox's 1 s window
             wait = 1.0 if remaining is None else min(1.0, max(remaining, 0.01))
@@ -130,9 +136,18 @@ class Server:
         with self.lock:
             if self.clients:
                 return None
-            limit = self.idle_timeout if self.ever_connected else self.startup_timeout
             last = self.last_change if self.ever_connected else self.started
+        limit = self.idle_limit()
         return None if limit is None else last + limit - time.monotonic()
+
+    def idle_limit(self) -> float | None:
+        """How long the server may go without a client now (None: forever)."""
+        idle, startup = self.idle_timeout, self.startup_timeout
+        if self.ever_connected:
+            return idle
+        if idle is None or startup is None:
+            return startup
+        return min(startup, max(idle, FIRST_CLIENT_S))
 
     def remove_host_dir(self) -> None:
         """Remove ``--remove-dir`` (its owner, who would have removed it, is gone)."""
