@@ -23,7 +23,8 @@ connection closes (a killed owner's kernel closes it at once) or when it has sen
 the silence limit, ``max(idle_timeout_s, 45 s)``. An event loop blocked that long (a notebook
 cell that never yields) stops heartbeats too: the connection is dropped and the sandbox ends
 one idle window later; raise ``idle_timeout_s``, or set it to ``None``, for such sessions. A
-sandbox that never saw a client ends ``startup_timeout_s`` after its server started.
+sandbox that never saw a client (its owner died while acquiring it) ends
+``min(startup_timeout_s, max(idle_timeout_s, 15 s))`` after its server started.
 
 **When the owner is killed** (``kill -9`` of a notebook kernel or ``sandboxnb run``), what is
 left of its sandboxes, and for how long, with the defaults:
@@ -38,9 +39,9 @@ docker      ~1-3 s: a reaper process per provider (:mod:`.docker_reaper`) remove
             containers, started or only created, once its owner's pipe closes; the server's
             switch (15 s) ends a container if the reaper is gone too; containers are
             ``--rm`` (auto-removed), so none is left stopped
-modal       15 s after the last client (the server exits, and a Modal sandbox ends with its
-            command); a sandbox that never saw a client: ``startup_timeout_s``; Modal's
-            ``idle_timeout`` (``max(idle, startup)``) and ``timeout`` are the second net
+modal       ~15 s after the last client (the server exits, and a Modal sandbox ends with its
+            command); Modal's ``idle_timeout`` (``max(idle, startup)``) and ``timeout`` are the
+            second net
 daytona     the server exits after 15 s; the Daytona sandbox itself keeps running until its
             auto-stop, which is 1 minute (Daytona's shortest) after the last keepalive, then
             it is deleted at once (``auto_delete_interval=0``)
