@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install into .venv and run HumanEval with the oracle agent on local sandboxes
-#   make test   install everything (incl. Docker engine and Chromium) and run the whole suite
+#   make test   install everything (incl. Docker engine, bubblewrap, Chromium), run the suite
+# Local sandboxes are jailed with bubblewrap: `sudo bash scripts/setup-bubblewrap` (or
+# `apt-get install bubblewrap`); without it they run less isolated and say so when they start.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -21,6 +23,8 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
+	@command -v bwrap >/dev/null || echo "note: bubblewrap is not installed, local sandboxes" \
+		"will not be jailed; run: sudo bash scripts/setup-bubblewrap"
 	$(BIN)/sandboxnb run humaneval --agent oracle --runtime local --output $(RESULTS)
 
 lint: $(VENV)/.dev
@@ -28,6 +32,7 @@ lint: $(VENV)/.dev
 
 test: $(VENV)/.dev
 	bash scripts/setup-docker
+	bash scripts/setup-bubblewrap
 	bash scripts/setup-browser
 	$(BIN)/ruff check sandboxnb tests benchmarks
 	$(BIN)/pytest

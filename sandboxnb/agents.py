@@ -94,8 +94,11 @@ def resolve_agent(agent: str | Agent) -> Agent:
         return samples_agent(agent.removeprefix("samples:"))
     module_name, sep, attr = agent.partition(":")
     if not sep or not module_name or not attr:
+        from sandboxnb.options import did_you_mean
+
         raise AgentError(
-            f"agent = {agent!r}: expected 'oracle', 'samples:PATH' or 'module:function'"
+            f"agent = {agent!r}{did_you_mean(agent, ['oracle'])}: expected 'oracle', "
+            "'samples:PATH' or 'module:function'"
         )
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # let `module:function` name a file in the working directory

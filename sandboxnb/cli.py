@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -20,19 +21,31 @@ from sandboxnb.errors import ConfigError
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors add a did-you-mean for unknown flags and commands."""
+
+    def error(self, message: str):  # type: ignore[override]
+        super().error(options.explain_usage_error(self, message))
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sandboxnb", description="Run agent evaluations in isolated sandboxes."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a taskset with an agent, one fresh sandbox per rollout")
     run.add_argument("taskset", help="'humaneval' or a path to a .json/.jsonl taskset")
     run.add_argument("--agent", required=True, help="'oracle', 'samples:PATH' or 'module:function'")
     run.add_argument("--tasks", help="only task ids matching these globs (comma-separated)")
+    run.add_argument("--limit", type=options.count_type("--limit", None), metavar="N",
+                     help="only the first N tasks (after --tasks)")
     run.add_argument("--runtime", default="local", help="provider name (default: local)")
-    run.add_argument("--max-concurrent", type=int, default=8, help="sandboxes at once (default 8)")
-    run.add_argument("--repeats", type=int, default=1, help="rollouts per task (default 1)")
+    run.add_argument("--max-concurrent", type=options.count_type("--max-concurrent"),
+                     default=8, metavar="N", help="sandboxes at once (default 8)")
+    run.add_argument("--repeats", type=options.count_type("--repeats"), default=1, metavar="N",
+                     help="rollouts per task (default 1)")
     options.add_rollout_timeout(run)
     run.add_argument(
         "--journal",
@@ -40,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="JSONL file that receives each row as it finishes (default: a new file in ./runs)",
     )
     run.add_argument("--resume", action="store_true", help="continue an existing journal")
+    run.add_argument("--force-resume", action="store_true",
+                     help="continue an existing journal even though its header shows another "
+                          "run (other tasks, agent, runtime, config or repeats)")
     run.add_argument("--output", "-o", help="write all rows to .jsonl, .csv or .parquet")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     options.add_runtime_arguments(run)
@@ -130,8 +146,10 @@ async def _run_command(args: argparse.Namespace) -> int:
         _check_output(args.output)
     _check_available(args.runtime)
     taskset = Taskset.load(args.taskset)
-    if args.tasks:
-        taskset = taskset.select(args.tasks)
+    if args.tasks is not None:
+        taskset = taskset.select(options.parse_globs(args.tasks, "--tasks"))
+    if args.limit is not None:
+        taskset = Taskset(list(taskset)[: args.limit], name=taskset.name)
     result = await run(
         taskset,
         args.agent,
@@ -141,7 +159,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         timeout_s=args.rollout_timeout_s,
         journal=args.journal,
-        resume=args.resume,
+        resume="force" if args.force_resume else args.resume,
         progress=not args.no_progress,
     )
     if args.output:
@@ -154,16 +172,26 @@ async def _run_command(args: argparse.Namespace) -> int:
 
 
 def _check_output(path: str) -> None:
-    suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    """The results file must be new, with a known extension, in a folder we can write: it is
+    written when the run ends, so every problem is found now, before anything starts."""
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
     if suffix not in ("jsonl", "csv", "parquet"):
         raise ConfigError(
             f"--output {path!r}: unsupported extension {('.' + suffix) if suffix else '(none)'}; "
             "use .jsonl, .csv or .parquet"
         )
+    if os.path.lexists(path):
+        what = "a directory" if os.path.isdir(path) else "an existing file"
+        raise ConfigError(f"--output {path!r} is {what}; expected a new file (results are "
+                          "never written over something): choose another path")
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"--output {path!r}: its folder {folder!r} does not exist or is not "
-                          "writable; results are written there when the run ends")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output {path!r}: its folder {folder!r} is not writable "
+                          f"({err.strerror}); expected a path in a writable folder (results "
+                          "are written there when the run ends)") from None
 
 
 def _check_available(runtime: str) -> None:

@@ -9,7 +9,9 @@ before anything starts.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import (
@@ -50,7 +52,35 @@ MAX_SECONDS = 30 * 24 * 3600.0  # 30 days
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
+
+    def __init__(self, **data: Any) -> None:
+        """Validate; a bad value raises :class:`ConfigError` naming field, value and what is
+        accepted (not pydantic's ValidationError). pydantic calls this for nested models too:
+        only the outermost validation converts the error, so its fields keep their full path."""
+        with _validating() as outermost:
+            try:
+                super().__init__(**data)
+            except ValidationError as err:
+                if not outermost:
+                    raise
+                prefix = {"Resources": "resources.", "Limits": "limits.",
+                          "GPU": "resources.gpu."}.get(type(self).__name__, "")
+                raise ConfigError(_format_validation_error(err, prefix)) from None
+
+
+_DEPTH: ContextVar[int] = ContextVar("sandboxnb_config_depth", default=0)
+
+
+@contextmanager
+def _validating() -> Iterator[bool]:
+    """Count nested validations; yields True for the outermost."""
+    token = _DEPTH.set(_DEPTH.get() + 1)
+    try:
+        yield _DEPTH.get() == 1
+    finally:
+        _DEPTH.reset(token)
 
 
 class GPU(_Model):
@@ -180,10 +210,11 @@ def _accepted_fields(parent: str) -> list[str]:
 
 
 def _validate(data: Any) -> RuntimeConfig:
-    try:
-        return RuntimeConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+    with _validating():
+        try:
+            return RuntimeConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err)) from None
 
 
 def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,13 @@
 """The run journal: one JSON line per rollout row, flushed and fsynced as soon as the row exists,
-so a crashed kernel loses nothing; and reading a journal back (a torn last line is skipped)."""
+so a crashed kernel loses nothing; and reading a journal back (a torn last line is skipped).
+
+The first line is a header saying what the run was (``{"sandboxnb_journal": 1, "taskset": ...,
+"fingerprint": ..., "agent": ..., "runtime": ..., "config": ..., "repeats": ...}``, see
+:mod:`sandboxnb.plan`); a run resumed with ``resume="force"`` appends its own header, and the
+newest one describes the rows after it. Journals written before headers existed hold rows only
+and still load. Every line is checked when read: a line that is neither a header nor a row with
+fields of the right types is a :class:`ConfigError` naming the file, the line and the field.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,29 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sandboxnb.errors import ConfigError
 
-__all__ = ["Journal", "encode_row", "read_journal", "repair_torn_tail"]
+__all__ = [
+    "HEADER_KEY",
+    "STATUSES",
+    "Journal",
+    "encode_row",
+    "read_entries",
+    "read_journal",
+    "repair_torn_tail",
+]
+
+#: the key that marks a header line; its value is the journal format version
+HEADER_KEY = "sandboxnb_journal"
+JOURNAL_FORMAT = 1
+#: the status of a rollout's row
+STATUSES = ("ok", "error", "timeout", "cancelled")
 
 log = logging.getLogger("sandboxnb.journal")
 
@@ -38,12 +62,18 @@ class Journal:
     fails here, before any rollout starts.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_torn_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_torn_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"journal = {str(self.path)!r} cannot be written ({err.strerror}); "
+                              "expected a file path in a writable folder") from None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandboxnb-journal")
+        if header is not None:  # durable before the first row: a crash keeps what the run was
+            self._write(encode_row({HEADER_KEY: JOURNAL_FORMAT, **header}))
 
     def _write(self, line: str) -> None:
         self._file.write(line)
@@ -95,26 +125,103 @@ def repair_torn_tail(path: Path) -> int:
 
 
 def read_journal(path: str | Path) -> list[dict[str, Any]]:
-    """Read every row of a journal; a torn last line (a crash mid-write) is skipped."""
+    """Read every row of a journal (headers left out); a torn last line is skipped."""
+    return read_entries(path)[1]
+
+
+def read_entries(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The newest header of a journal (``None`` for a journal written before headers) and its
+    rows. Raises :class:`ConfigError` naming the line of anything that is not a header or row."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise FileNotFoundError(f"journal {str(path)!r} cannot be read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"journal {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                          f"{err.start}): not a sandboxnb journal") from None
+    header: dict[str, Any] | None = None
     rows = []
     lines = text.splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            entry = json.loads(line)
         except ValueError:
             if number == len(lines) and not text.endswith("\n"):
                 break  # torn final write
             raise ConfigError(f"{path}:{number}: not a journal row (invalid JSON: "
                               f"{line[:80]!r})") from None
-        if not isinstance(row, dict) or not {"task_id", "repeat", "status"} <= row.keys():
+        if isinstance(entry, dict) and HEADER_KEY in entry:
+            header = _checked(entry, _HEADER_FIELDS, f"{path}:{number}")
+            continue
+        if not isinstance(entry, dict) or not {"task_id", "repeat", "status"} <= entry.keys():
             raise ConfigError(f"{path}:{number}: not a journal row (expected an object with "
                               f"task_id, repeat and status; got {line[:80]!r})")
-        rows.append(row)
-    return rows
+        rows.append(_checked(entry, _ROW_FIELDS, f"{path}:{number}"))
+    return header, rows
+
+
+# ---- what each field of a line may hold ---------------------------------------------------------
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _iso_time(value: Any) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _nullable(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _count(minimum: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and \
+        value >= minimum
+
+
+_Check = tuple[Callable[[Any], bool], str]
+_NUMBER: _Check = (_nullable(_number), "a number or null")
+_TEXT: _Check = (_nullable(_text), "a string or null")
+_ROW_FIELDS: dict[str, _Check] = {
+    "task_id": (_text, "a string"),
+    "repeat": (_count(0), "an integer >= 0"),
+    "status": (STATUSES.__contains__, f"one of {', '.join(STATUSES)}"),
+    "run_id": _TEXT, "provider": _TEXT, "sandbox_id": _TEXT, "error": _TEXT, "image": _TEXT,
+    "gpu": _TEXT, "answer": _TEXT,
+    "reward": _NUMBER, "acquire_s": _NUMBER, "rollout_s": _NUMBER, "release_s": _NUMBER,
+    "duration_s": _NUMBER, "cpu": _NUMBER,
+    "memory_mb": (_nullable(_count(0)), "an integer or null"),
+    "started_at": (_nullable(_iso_time), "an ISO 8601 time or null"),
+    "info": (_nullable(lambda v: isinstance(v, dict)), "an object or null"),
+}
+_HEADER_FIELDS: dict[str, _Check] = {
+    HEADER_KEY: (lambda v: v == JOURNAL_FORMAT and not isinstance(v, bool), str(JOURNAL_FORMAT)),
+    "taskset": (_text, "a string"),
+    "fingerprint": (_text, "a string"),
+    "tasks": (_count(0), "an integer >= 0"),
+    "agent": (_text, "a string"),
+    "runtime": (_text, "a string"),
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "repeats": (_count(1), "an integer >= 1"),
+    "sandboxnb_version": (_text, "a string"),
+    "created_at": (_iso_time, "an ISO 8601 time"),
+}
+
+
+def _checked(entry: dict[str, Any], fields: dict[str, _Check], where: str) -> dict[str, Any]:
+    """``entry`` if each known field present holds what it may (unknown fields are kept)."""
+    for name, (valid, accepted) in fields.items():
+        if name in entry and not valid(entry[name]):
+            raise ConfigError(f"{where}: {name} = {entry[name]!r}: expected {accepted} "
+                              "(not a sandboxnb journal line, or a damaged one)")
+    return entry

@@ -34,7 +34,11 @@ The per-rollout deadline is an engine option, not a config field: ``--rollout-ti
 from __future__ import annotations
 
 import argparse
+import builtins
+import difflib
+import keyword
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -53,11 +57,19 @@ __all__ = [
     "add_removed_timeout",
     "add_rollout_timeout",
     "add_runtime_arguments",
+    "check_variable_name",
     "config_from_options",
+    "did_you_mean",
+    "explain_usage_error",
     "given",
     "option",
+    "parse_count",
+    "parse_globs",
     "parse_seconds",
 ]
+
+#: Upper bound of ``max_concurrent`` and ``repeats`` (a typo such as 1e9 is refused, not planned).
+MAX_COUNT = 10_000
 
 #: Title of the argparse group that holds the runtime options (tests look for it).
 GROUP_TITLE = "runtime options"
@@ -122,17 +134,22 @@ class Option:
             if text.lower() == "none":
                 return None
             if self.kind is str:
-                value = text
+                parsed: Any = text
             else:
-                try:
-                    number = self.kind(text)
-                except ValueError:
-                    number = None
+                number = _ascii_number(text, self.kind)
                 if number is None or not math.isfinite(number):
-                    raise ConfigError(f"{self.path} = {value!r}: expected {self.accepted}")
-                value = number
+                    raise ConfigError(f"{self.path} = {value!r}: expected {self.accepted} "
+                                      "(ASCII digits)")
+                parsed = number
+            try:
+                config_from_options({self.name: parsed})  # the model's own checks, e.g. > 0
+            except ConfigError as err:
+                if self.kind is str:  # name the text as typed, then what the model said
+                    raise ConfigError(f"{self.path} = {value!r}: {err}") from err
+                raise ConfigError(f"{self.path} = {value!r}: expected {self.accepted}") from err
+            return parsed
         if value is not None:
-            config_from_options({self.name: value})  # the model's own checks, e.g. > 0
+            config_from_options({self.name: value})
         return value
 
 
@@ -238,17 +255,119 @@ def given(args: argparse.Namespace) -> dict[str, Any]:
     return {opt.name: getattr(args, opt.name) for opt in OPTIONS if hasattr(args, opt.name)}
 
 
+_NUMBER_TEXT = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(inf|nan)$",
+                          re.IGNORECASE)
+
+
+def _ascii_number(text: str, kind: type) -> Any:
+    """``kind(text)`` for plain ASCII number text, else None (``int("٣")`` is 3 in Python,
+    and ``float("1_0")`` is 10: neither is what anyone means on a command line)."""
+    if not _NUMBER_TEXT.match(text):
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def parse_count(value: Any, name: str, maximum: int | None = MAX_COUNT, *,
+                text: bool = False) -> int:
+    """An integer >= 1 (and <= ``maximum``); ``text=True`` also takes a flag's text (ASCII
+    digits). Raises :class:`ConfigError` naming ``name``, the value and what is accepted."""
+    bound = f" and <= {maximum}" if maximum is not None else ""
+    if isinstance(value, str) and text:
+        number = _ascii_number(value.strip(), int)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        number = None
+    if number is None or number < 1 or (maximum is not None and number > maximum):
+        digits = " (ASCII digits)" if text else ""
+        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1{bound}{digits}")
+    return number
+
+
+def parse_globs(value: str, name: str = "tasks") -> list[str]:
+    """Comma-separated task id globs (``"HumanEval/1*,HumanEval/2"``), at least one."""
+    patterns = [p.strip() for p in value.split(",") if p.strip()]
+    if not patterns:
+        raise ConfigError(f"{name} = {value!r}: expected task id globs, comma-separated "
+                          "(e.g. 'HumanEval/1*,HumanEval/2')")
+    return patterns
+
+
+def check_variable_name(value: str, field: str) -> str:
+    """``value`` if it can become a notebook variable without hiding a Python builtin."""
+    if keyword.iskeyword(value) or keyword.issoftkeyword(value):
+        raise ConfigError(f"{field} {value!r} is a Python keyword; expected a variable name "
+                          "that is not a keyword or a builtin (e.g. sb1, box)")
+    if not value.isidentifier() or not value.isascii():
+        raise ConfigError(f"{field} {value!r} is not a valid Python identifier; expected a "
+                          "Python variable name (e.g. sb1, box)")
+    if hasattr(builtins, value):
+        raise ConfigError(f"{field} {value!r} shadows the Python builtin {value}(); expected a "
+                          "variable name that is not a keyword or a builtin (e.g. sb1, box)")
+    return value
+
+
+def did_you_mean(value: Any, choices: list[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _flags_of(parser: argparse.ArgumentParser) -> list[str]:
+    flags = [f for f in parser._option_string_actions if f.startswith("--")]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags += _flags_of(sub)
+    return sorted(set(flags))
+
+
+def explain_usage_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """An argparse error with a did-you-mean for an unknown flag or subcommand."""
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        flags = _flags_of(parser)
+        hints = []
+        for word in unknown.group(1).split():
+            if word.startswith("-"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.6)
+                hints.append(f"{word} (did you mean {close[0]}?)" if close else word)
+        if hints:
+            return (f"{message}; not an option here: {', '.join(hints)}; see "
+                    f"{parser.prog} --help")
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        choices = re.findall(r"'([^']*)'", choice.group(2))
+        return message + did_you_mean(choice.group(1), choices)
+    return message
+
+
 def parse_seconds(value: Any, name: str = "timeout_s") -> float | None:
     """A number of seconds > 0, or ``none``/``None`` (no deadline)."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return None
-    try:
-        seconds = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        seconds = math.nan
+    if isinstance(value, str):
+        seconds = _ascii_number(value.strip(), float)
+        seconds = math.nan if seconds is None else seconds
+    else:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
     if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{name} = {value!r}: expected a number of seconds > 0, or none")
+        raise ConfigError(f"{name} = {value!r}: expected a number of seconds > 0 and finite, "
+                          "or none (ASCII digits)")
     return seconds
+
+
+def count_type(name: str, maximum: int | None = MAX_COUNT) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer >= 1 (``--max-concurrent``, ``--repeats``)."""
+    return _argparse_type(lambda value: parse_count(value, name, maximum, text=True), "count")
 
 
 def add_rollout_timeout(parser: argparse.ArgumentParser) -> None:

@@ -4,11 +4,17 @@
 for every task, concurrency, repeats, deadline, journal) and raises before any sandbox starts;
 each error names the field, the value and what is accepted. Resuming a journal keeps its rows and
 plans only the (task, repeat) pairs it does not hold yet (a ``cancelled`` row is planned again).
-Making a plan has no side effect on disk: the journal is opened when the run starts.
+A journal's header (:func:`journal_header`) records what its run was; resuming a journal of
+another run (other taskset, changed tasks, agent, runtime, config or repeats) is refused naming
+each difference, unless ``resume="force"``. Making a plan has no side effect on disk: the journal
+is opened when the run starts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
 import uuid
@@ -20,11 +26,25 @@ from typing import Any
 
 from sandboxnb.agents import Agent, resolve_agent
 from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
-from sandboxnb.journal import read_journal
+from sandboxnb.journal import read_entries
+from sandboxnb.options import parse_count
 from sandboxnb.providers import Provider, get_provider
 from sandboxnb.tasks import Task, Taskset
 
-__all__ = ["Plan", "PlannedRollout", "expand", "make_plan", "resumable_rows"]
+__all__ = [
+    "Plan",
+    "PlannedRollout",
+    "agent_name",
+    "expand",
+    "journal_header",
+    "make_plan",
+    "resumable_rows",
+    "tasks_fingerprint",
+]
+
+log = logging.getLogger("sandboxnb.plan")
+#: header fields that must match for a journal to be resumed (version and time may differ)
+_SAME_RUN = ("taskset", "fingerprint", "agent", "runtime", "config", "repeats")
 
 TasksetLike = str | Path | Taskset | Iterable[Task | Mapping[str, Any]]
 
@@ -51,6 +71,8 @@ class Plan:
     timeout_s: float | None = None
     journal: Path | None = None
     previous: tuple[dict[str, Any], ...] = ()
+    #: the header to write when the journal opens (None: the journal already says what it is)
+    header: dict[str, Any] | None = None
 
     @property
     def total(self) -> int:
@@ -100,11 +122,15 @@ def make_plan(
     repeats: int = 1,
     timeout_s: float | None = None,
     journal: str | Path | None = "auto",
-    resume: bool = False,
+    resume: bool | str = False,
 ) -> Plan:
     """Validate a run and plan its rollouts (see :func:`sandboxnb.run` for the arguments)."""
-    max_concurrent = _positive_int("max_concurrent", max_concurrent)
-    repeats = _positive_int("repeats", repeats)
+    if resume not in (True, False, "force") or (isinstance(resume, int | float) and \
+            not isinstance(resume, bool)):
+        raise ConfigError(f"resume = {resume!r}: expected True, False or 'force' (continue a "
+                          "journal even though it was written by another run)")
+    max_concurrent = parse_count(max_concurrent, "max_concurrent")
+    repeats = parse_count(repeats, "repeats")
     if timeout_s is not None and (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, int | float)
@@ -113,10 +139,12 @@ def make_plan(
     ):
         raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 or None")
     tasks = Taskset.load(taskset)
+    _check_tasks(tasks)
     agent_fn = resolve_agent(agent)
     base = merge_config(RuntimeConfig(), config)
     provider = get_provider(runtime)
     path = _journal_path(journal, resume, tasks.name)
+    header: dict[str, Any] | None = journal_header(tasks, agent, provider, base, repeats)
     previous: list[dict[str, Any]] = []
     if path is not None and path.exists() and path.stat().st_size > 0:
         if not resume:
@@ -124,7 +152,23 @@ def make_plan(
                 f"journal = {str(path)!r} already holds results; pass resume=True "
                 "(CLI: --resume) to continue it, or choose a new path"
             )
-        previous = resumable_rows(read_journal(path))
+        old_header, rows = read_entries(path)
+        previous = resumable_rows(rows)
+        if old_header is not None:
+            changed, grown = _differences(old_header, header)
+            if changed and resume != "force":
+                raise ConfigError(
+                    f"journal = {str(path)!r} belongs to another run: "
+                    f"{'; '.join(changed)}. Resume it with the run it was written by, "
+                    "choose a new journal path (CLI: --journal PATH), or pass resume='force' "
+                    "(CLI: --force-resume) to continue it anyway")
+            if grown:
+                log.info("journal %s: the resumed run grows it: %s", path, "; ".join(grown))
+            if not (changed or grown):
+                header = None  # the journal already records this run
+            if old_header.get("sandboxnb_version") != header_version():
+                log.info("journal %s was written by sandboxnb %s", path,
+                         old_header.get("sandboxnb_version"))
         _check_same_run(path, previous, tasks, repeats)
     done = {(row.get("task_id"), _as_int(row.get("repeat"))) for row in previous}
     return Plan(
@@ -137,13 +181,156 @@ def make_plan(
         timeout_s=timeout_s,
         journal=path,
         previous=tuple(previous),
+        header=header if path is not None else None,
     )
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
-    return value
+def header_version() -> str:
+    from sandboxnb import __version__
+
+    return __version__
+
+
+def journal_header(tasks: Taskset, agent: str | Agent, provider: Provider,
+                   config: RuntimeConfig, repeats: int) -> dict[str, Any]:
+    """What a run is, as its journal's first line records it (see :mod:`sandboxnb.journal`)."""
+    return {
+        "taskset": tasks.name,
+        "tasks": len(tasks),
+        "fingerprint": tasks_fingerprint(tasks),
+        "task_digests": task_digests(tasks),
+        "agent": agent_name(agent),
+        "runtime": provider.name,
+        "config": config.model_dump(mode="json"),
+        "repeats": repeats,
+        "sandboxnb_version": header_version(),
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _canonical(task: Task) -> str:
+    grader = task.grader
+    return json.dumps(
+        {
+            "id": task.id,
+            "prompt": task.prompt,
+            "setup": task.setup,
+            "files": task.files,
+            "runtime": task.runtime,
+            "grader": grader.model_dump() if hasattr(grader, "model_dump")
+            else None if grader is None else _stable(grader),
+            "metadata": task.metadata,
+        },
+        sort_keys=True, separators=(",", ":"), default=_stable, ensure_ascii=False,
+    )
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def tasks_fingerprint(tasks: Iterable[Task]) -> str:
+    """``sha256:...`` over a canonical dump of every task's id, prompt, setup, files, runtime
+    overrides, grader and metadata, in order: it changes when any task does."""
+    return "sha256:" + _sha256("[" + ",".join(_canonical(task) for task in tasks) + "]")
+
+
+def task_digests(tasks: Iterable[Task]) -> dict[str, str]:
+    """Task id -> a short digest of that task's canonical dump (to say which task changed)."""
+    return {task.id: _sha256(_canonical(task))[:16] for task in tasks}
+
+
+def _stable(value: Any) -> str:
+    """A text for a value JSON cannot hold that is the same in every process (no addresses)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}:{value.__qualname__}"
+    text = str(value)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>" if " at 0x" in text else text
+
+
+def agent_name(agent: str | Agent) -> str:
+    """How a header names an agent: its string as given, or ``module:qualname``."""
+    if isinstance(agent, str):
+        return agent
+    name = getattr(agent, "__name__", "")
+    if name.startswith("samples:"):  # a samples agent names its file
+        return name
+    return _stable(agent) if hasattr(agent, "__qualname__") else _stable(type(agent))
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """What differs between a journal's header and this run's, in words: the changes that make
+    it another run, and the ways this run only grows it (tasks added, more repeats)."""
+    changed: list[str] = []
+    grown: list[str] = []
+    for key in _SAME_RUN:
+        before, now = old.get(key), new.get(key)
+        if before == now:
+            continue
+        if key == "fingerprint":
+            _task_changes(old, new, changed, grown)
+        elif key == "config":
+            changed += [f"config {field} {a!r} vs {b!r}"
+                        for field, (a, b) in _config_changes(before, now).items()]
+        elif key == "repeats" and isinstance(before, int) and isinstance(now, int) and \
+                before < now:
+            grown.append(f"repeats {before} -> {now}")
+        else:
+            changed.append(f"{key} {before!r} vs {now!r}")
+    return changed, grown
+
+
+def _task_changes(old: Mapping[str, Any], new: Mapping[str, Any], changed: list[str],
+                  grown: list[str]) -> None:
+    before, now = old.get("task_digests"), new.get("task_digests")
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        changed.append(f"the tasks changed since this journal was written ({old.get('tasks')} "
+                       f"task(s) then, {new.get('tasks')} now)")
+        return
+    edited = [tid for tid in before if tid in now and before[tid] != now[tid]]
+    missing = [tid for tid in before if tid not in now]
+    added = [tid for tid in now if tid not in before]
+    if edited:
+        changed.append(f"the tasks changed since this journal was written: {_some(edited)} "
+                       "(prompt, setup, files, runtime, grader or metadata)")
+    if missing:
+        changed.append(f"the tasks changed since this journal was written: {_some(missing)} "
+                       "no longer in the taskset")
+    if added:
+        grown.append(f"{len(added)} task(s) added ({_some(added)})")
+    if not (edited or missing or added):  # same tasks, another order
+        changed.append("the tasks changed since this journal was written (their order)")
+
+
+def _some(ids: list[str]) -> str:
+    shown = ", ".join(repr(tid) for tid in ids[:3])
+    return f"{len(ids)} task(s): {shown}" + (" ..." if len(ids) > 3 else "")
+
+
+def _config_changes(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return {prefix.rstrip(".") or "config": (old, new)}
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, Mapping) and isinstance(b, Mapping):
+                changes.update(_config_changes(a, b, f"{prefix}{key}."))
+            else:
+                changes[f"{prefix}{key}"] = (a, b)
+    return changes
+
+
+def _check_tasks(tasks: Taskset) -> None:
+    """A run needs at least one task, and every task a grader (else each rollout would start
+    a sandbox only to fail at grading)."""
+    if not len(tasks):
+        raise ConfigError(f"taskset {tasks.name!r} has no tasks; expected at least one task")
+    for index, task in enumerate(tasks):
+        if task.grader is None:
+            raise ConfigError(
+                f"{tasks.name}[{index}].grader = None (task {task.id!r}): expected a grader "
+                "object with type exec, python or match, or an async callable")
 
 
 def _as_int(value: Any) -> int | None:
@@ -182,10 +369,12 @@ def _journal_path(journal: Any, resume: bool, name: str) -> Path | None:
         return None
     if journal == "auto":
         return _auto_journal_path(name)
-    if not isinstance(journal, str | os.PathLike) or not str(journal):
+    if not isinstance(journal, str | os.PathLike) or not str(journal) or os.path.isdir(journal):
+        what = " is a directory" if isinstance(journal, str | os.PathLike) and str(journal) \
+            else ""
         raise ConfigError(
-            f"journal = {journal!r}: expected a file path, 'auto' (a new file under ./runs) "
-            "or None (no journal)"
+            f"journal = {journal!r}{what}: expected a file path, 'auto' (a new file under "
+            "./runs) or None (no journal)"
         )
     return Path(journal)
 

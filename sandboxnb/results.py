@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandboxnb.journal import encode_row, read_journal
+from sandboxnb.journal import STATUSES, encode_row, read_entries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,8 +43,6 @@ COLUMNS = [
     "info",
 ]
 _CATEGORICAL = ["provider", "status", "image", "gpu"]
-#: the status of a rollout's row
-STATUSES = ("ok", "error", "timeout", "cancelled")
 
 
 def is_reward(value: Any) -> bool:
@@ -65,10 +63,13 @@ class Results:
         *,
         total: int | None = None,
         name: str = "results",
+        header: dict[str, Any] | None = None,
     ) -> None:
         self._rows: list[dict[str, Any]] = list(rows)
         self._total = total
         self.name = name
+        #: what the run was, from a journal's header (None for a live run or an old journal)
+        self.header = header
 
     # -- rows ------------------------------------------------------------------------------
     @property
@@ -138,8 +139,11 @@ class Results:
 
 
 def load(journal: str | Path) -> Results:
-    """Read a journal back into :class:`Results` (a torn last line is skipped)."""
-    return Results(read_journal(journal), name=Path(journal).stem)
+    """Read a journal back into :class:`Results` (a torn last line is skipped; ``header`` says
+    what the run was). A line that is not a header or a well-typed row raises
+    :class:`~sandboxnb.errors.ConfigError` naming it."""
+    header, rows = read_entries(journal)
+    return Results(rows, name=Path(journal).stem, header=header)
 
 
 def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

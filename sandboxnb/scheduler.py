@@ -90,7 +90,7 @@ class Run:
                 "from synchronous code use asyncio.run(sandboxnb.run(...))"
             ) from None
         if self.plan.journal is not None:
-            self._journal = Journal(self.plan.journal)
+            self._journal = Journal(self.plan.journal, header=self.plan.header)
         self.status = "running"
         self.started_at = datetime.now(UTC)
         self._task = loop.create_task(self._execute())
@@ -271,7 +271,7 @@ def start(
     repeats: int = 1,
     timeout_s: float | None = None,
     journal: str | Path | None = "auto",
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = False,
 ) -> Run:
     """Validate everything, then schedule a run on the running loop and return it at once.
@@ -280,7 +280,9 @@ def start(
     crashed kernel loses nothing. The default, ``"auto"``, writes a new file under ``./runs/``
     (or ``$SANDBOXNB_RUNS_DIR``); ``None`` turns journaling off. An existing journal is refused
     unless ``resume=True``, which keeps its rows and runs only the (task, repeat) pairs it does
-    not hold yet. ``progress=True`` shows a text progress bar.
+    not hold yet; the journal's header must show the same run (taskset and its tasks, agent,
+    runtime, config, repeats), and ``resume="force"`` continues it even if not.
+    ``progress=True`` shows a text progress bar.
     """
     plan = make_plan(
         taskset,
@@ -311,7 +313,7 @@ async def run(
     repeats: int = 1,
     timeout_s: float | None = None,
     journal: str | Path | None = "auto",
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
 ) -> Run:
     """Run every task ``repeats`` times, each rollout in a fresh sandbox; return the :class:`Run`.

@@ -230,7 +230,8 @@ class Taskset(Sequence[Task]):
             try:
                 rows.append(json.loads(line))
             except ValueError as err:
-                raise TaskError(f"{path}:{number}: not valid JSON: {err}") from None
+                raise TaskError(f"{path}:{number}: {line[:80]!r} is not valid JSON ({err}); "
+                                "expected a JSON object per line (a task)") from None
         return cls(rows, path.stem)
 
     @classmethod
@@ -248,6 +249,10 @@ class Taskset(Sequence[Task]):
             from sandboxnb.tasksets import load_taskset  # the registry imports this module
 
             return load_taskset(text)
+        if isinstance(source, Mapping | bytes) or not isinstance(source, Iterable):
+            raise TaskError(
+                f"taskset = {source!r:.80}: expected a registered taskset name, a .json/.jsonl "
+                "path, a Taskset or a list of tasks")
         return cls(source)
 
     def select(self, patterns: str | Iterable[str]) -> Taskset:
@@ -258,7 +263,10 @@ class Taskset(Sequence[Task]):
         patterns = list(patterns)
         chosen = [t for t in self.tasks if any(fnmatch.fnmatchcase(t.id, p) for p in patterns)]
         if not chosen:
-            raise TaskError(f"tasks = {','.join(patterns)!r} matches no task id in {self.name}")
+            some = ", ".join(repr(t.id) for t in self.tasks[:3])
+            raise TaskError(f"tasks = {','.join(patterns)!r} matches no task id in {self.name}; "
+                            f"expected globs of its task ids ({some}"
+                            f"{' ...' if len(self.tasks) > 3 else ''})")
         return Taskset(chosen, self.name)
 
     def __getitem__(self, index):  # type: ignore[override]
@@ -285,10 +293,15 @@ def _task_from_mapping(data: Mapping[str, Any], where: str) -> Task:
     except ConfigError as err:
         raise TaskError(f"{where}.runtime: {err}") from None
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}"
-            for e in err.errors()
-        )
+        problems = "; ".join(_problem(where, e) for e in err.errors())
         raise TaskError(
             f"{where} (id {data.get('id')!r}) is not a valid task: {problems}"
         ) from None
+
+
+def _problem(where: str, error: Any) -> str:
+    """``where.field = value: what is wrong`` (a missing field's value is None)."""
+    loc = ".".join(str(p) for p in error["loc"])
+    value = None if error["type"] == "missing" else error.get("input")
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}.{loc} = {value!r}: {message}"

@@ -23,9 +23,9 @@ def _run(tmp_path, *args: str, env: dict[str, str] | None = None):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--runtime", "daytona"], "--runtime 'daytona' is unavailable here: set DAYTONA_API_KEY"),
-    (["--output", "/nonexistent/dir/x.csv"], "its folder '/nonexistent/dir' does not exist"),
-    (["--cpu", "1e9"], "resources.cpu = 1000000000.0: Input should be less than or equal"),
-    (["--memory-mb", "1"], "resources.memory_mb = 1"),
+    (["--output", "/nonexistent/dir/x.csv"], "its folder '/nonexistent/dir' is not writable"),
+    (["--cpu", "1e9"], "resources.cpu = '1e9': expected a number >= 0.01 and <= 1024"),
+    (["--memory-mb", "1"], "resources.memory_mb = '1': expected an integer >= 4"),
     (["--idle-timeout", "inf"], "limits.idle_timeout_s = 'inf'"),
 ])
 def test_refused_before_anything_starts(tmp_path, args, message):

@@ -29,7 +29,8 @@ def _start_run(tmp_path: Path, runtime: str) -> tuple[subprocess.Popen[str], Pat
 
 def _rows(journal: Path) -> list[dict]:
     try:
-        return [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        return [line for line in lines if "task_id" in line]  # rows, not the header
     except FileNotFoundError:
         return []
 

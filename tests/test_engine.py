@@ -227,14 +227,15 @@ async def test_oracle_humaneval_subset_scores_full_reward():
     [
         (["run", "humaneval"], "--agent"),
         (["run", "humaneval", "--agent", "oracle", "--runtime", "nowhere"], "not a known provider"),
-        (["run", "humaneval", "--agent", "oracle", "--cpu", "-2"], "resources.cpu = -2.0"),
+        (["run", "humaneval", "--agent", "oracle", "--cpu", "-2"], "resources.cpu = '-2'"),
         (
             ["run", "humaneval", "--agent", "oracle", "--gpu", "H100"],
             "local does not support resources.gpu",
         ),
         (["run", "humaneval", "--agent", "oracle", "--output", "out.xlsx"], "use .jsonl, .csv"),
         (["run", "humaneval", "--agent", "oracle", "--tasks", "Nope/*"], "matches no task id"),
-        (["run", "humaneval", "--agent", "oracle", "--max-concurrent", "0"], "max_concurrent = 0"),
+        (["run", "humaneval", "--agent", "oracle", "--max-concurrent", "0"],
+         "--max-concurrent = '0'"),
         (["run", "missing.jsonl", "--agent", "oracle"], "cannot be read"),
     ],
 )
@@ -520,7 +521,8 @@ async def test_a_run_timeout_row_says_so():
     async def agent(sandbox, task):
         await sandbox.exec(["sleep", "30"])
 
-    run = await sandboxnb.run([{"id": "t", "prompt": "p"}], agent, "local", journal=None,
+    task = {"id": "t", "prompt": "p", "grader": {"type": "match", "expected": ""}}
+    run = await sandboxnb.run([task], agent, "local", journal=None,
                               progress=False, config={"limits": {"run_timeout_s": 1}})
     (row,) = run.rows
     assert row["status"] == "timeout", row

@@ -31,12 +31,14 @@ def test_a_torn_tail_is_cut_and_resume_finishes_the_run(tmp_path):
     assert first.returncode == 0, first.stderr
     lines = journal.read_text().splitlines(keepends=True)
     # a crash while writing the 4th row: half of it reached the disk, no newline
-    journal.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    assert len(lines) == 5 and "sandboxnb_journal" in lines[0]  # the header, then 4 rows
+    journal.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])
     for _ in range(2):  # resuming twice: the second must find a clean, complete journal
         again = _cli("--tasks", "HumanEval/[0-3]", "--journal", str(journal), "--resume")
         assert again.returncode == 0, again.stderr
         assert "4/4 rollouts" in again.stdout, again.stdout
-    rows = _rows(journal)  # every line parses: the fragment was cut, not appended to
+    header, *rows = _rows(journal)  # every line parses: the fragment was cut, not appended to
+    assert header["sandboxnb_journal"] == 1
     assert sorted(row["task_id"] for row in rows) == [f"HumanEval/{i}" for i in range(4)]
     assert len(sandboxnb.load(journal).to_pandas()) == 4
 
@@ -59,8 +61,159 @@ def test_resuming_another_runs_journal_is_refused(tmp_path):
     before = journal.read_text()
     other = _cli("--tasks", "HumanEval/0", "--journal", str(journal), "--resume")
     assert other.returncode == 2, other.stdout
-    assert "belongs to another run" in other.stderr and "'HumanEval/10'" in other.stderr
+    assert "belongs to another run" in other.stderr
+    assert "the tasks changed since this journal was written" in other.stderr
     more = _cli("--tasks", "HumanEval/1?", "--journal", str(journal), "--resume",
                 "--repeats", "1")
     assert more.returncode == 0 and "10/10 rollouts" in more.stdout, more.stdout + more.stderr
     assert journal.read_text() == before  # refused before anything ran or was written
+
+
+# ---- the header: what the run was ----------------------------------------------------------
+def _tasks(prompt: str = "say hi", n: int = 2) -> list[dict]:
+    return [{"id": f"t{i}", "prompt": prompt, "grader": {"type": "match", "expected": "hi"}}
+            for i in range(n)]
+
+
+async def hi_agent(sandbox, task):
+    return "hi"
+
+
+async def other_agent(sandbox, task):
+    return "hi"
+
+
+def _run(journal: Path, tasks=None, agent=hi_agent, runtime="local", **kwargs):
+    import asyncio
+
+    return asyncio.run(sandboxnb.run(tasks if tasks is not None else _tasks(), agent, runtime,
+                                     journal=journal, progress=False, **kwargs))
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_first_line_records_what_the_run_was(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    run = _run(journal, sandboxnb.Taskset(_tasks(), name="greet"), repeats=2,
+               config={"resources": {"memory_mb": 256}})
+    assert run.status == "done" and run.counts() == {"ok": 4}
+    header, *rows = _lines(journal)
+    assert header["sandboxnb_journal"] == 1 and len(rows) == 4
+    assert header["taskset"] == "greet" and header["tasks"] == 2 and header["repeats"] == 2
+    assert header["fingerprint"].startswith("sha256:") and len(header["fingerprint"]) == 71
+    assert header["agent"] == f"{__name__}:hi_agent" and header["runtime"] == "local"
+    assert header["config"]["resources"]["memory_mb"] == 256
+    assert header["sandboxnb_version"] == sandboxnb.__version__
+    assert header["created_at"].endswith("+00:00")
+    loaded = sandboxnb.load(journal)  # the header is not a row
+    assert len(loaded) == 4 and len(loaded.to_pandas()) == 4
+    assert loaded.header == header
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"agent": other_agent}, f"agent '{__name__}:hi_agent' vs '{__name__}:other_agent'"),
+    ({"tasks": _tasks("say hello")}, "the tasks changed since this journal was written: "
+                                     "2 task(s): 't0', 't1' (prompt"),
+    ({"tasks": _tasks(n=1)}, "the tasks changed since this journal was written: 1 task(s): "
+                             "'t1' no longer in the taskset"),
+    ({"tasks": sandboxnb.Taskset(_tasks(), name="other")}, "taskset 'tasks' vs 'other'"),
+    ({"config": {"resources": {"memory_mb": 512}}}, "config resources.memory_mb None vs 512"),
+    ({"repeats": 2, "runtime": "docker"}, "runtime 'local' vs 'docker'"),
+])
+def test_resuming_a_journal_of_another_run_names_what_differs(tmp_path, change, named):
+    journal = tmp_path / "j.jsonl"
+    _run(journal)
+    before = journal.read_text()
+    with pytest.raises(ConfigError) as caught:
+        _run(journal, resume=True, **change)  # the check comes before any sandbox starts
+    message = str(caught.value)
+    assert named in message, message
+    assert "choose a new journal path" in message and "resume='force'" in message
+    assert journal.read_text() == before  # refused before anything ran or was written
+
+
+def test_a_resumed_run_may_grow_and_its_header_says_so(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    _run(journal, tasks=_tasks(n=1))
+    run = _run(journal, tasks=_tasks(n=3), repeats=2, resume=True)  # tasks added, more repeats
+    assert run.status == "done" and run.counts() == {"ok": 6} and len(run.plan.rollouts) == 5
+    headers = [line for line in _lines(journal) if "sandboxnb_journal" in line]
+    assert [(h["tasks"], h["repeats"]) for h in headers] == [(1, 1), (3, 2)]
+    again = _run(journal, tasks=_tasks(n=3), repeats=2, resume=True)  # the newest header
+    assert again.plan.rollouts == () and again.counts() == {"ok": 6}
+    assert len(_lines(journal)) == 8  # nothing new: no third header
+    with pytest.raises(ConfigError, match="repeats 2 vs 1"):
+        _run(journal, tasks=_tasks(n=3), resume=True)
+
+
+def test_force_resume_continues_and_records_the_new_run(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    _run(journal, tasks=_tasks(n=1))
+    run = _run(journal, tasks=_tasks(n=3), agent=other_agent, resume="force")
+    assert run.status == "done" and run.counts() == {"ok": 3} and len(run.plan.rollouts) == 2
+    headers = [line for line in _lines(journal) if "sandboxnb_journal" in line]
+    assert len(headers) == 2 and headers[-1]["agent"].endswith(":other_agent")
+    assert len(sandboxnb.load(journal)) == 3
+    again = _run(journal, tasks=_tasks(n=3), agent=other_agent, resume=True)
+    assert again.plan.rollouts == () and again.counts() == {"ok": 3}
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match=f"resume = {bad!r}: expected True, False or "
+                                              "'force'"):
+            _run(journal, resume=bad)
+
+
+def test_a_journal_without_a_header_still_loads_and_resumes(tmp_path):
+    """Journals written before the header existed: rows only."""
+    journal = tmp_path / "old.jsonl"
+    row = {"run_id": "r", "task_id": "t0", "repeat": 0, "provider": "local", "sandbox_id": "s",
+           "status": "ok", "reward": 1.0, "error": None,
+           "started_at": "2026-01-01T00:00:00+00:00", "acquire_s": 0.1, "rollout_s": 0.1,
+           "release_s": 0.1, "duration_s": 0.3, "image": None, "cpu": None,
+           "memory_mb": None, "gpu": None, "answer": "hi", "info": {}}
+    journal.write_text(json.dumps(row) + "\n")
+    assert len(sandboxnb.load(journal).to_pandas()) == 1 and sandboxnb.load(journal).header is None
+    run = _run(journal, resume=True)
+    assert run.counts() == {"ok": 2} and len(run.plan.rollouts) == 1
+    header = _lines(journal)[1]  # from now on the journal says what the run was
+    assert header["sandboxnb_journal"] == 1 and header["tasks"] == 2
+    assert len(sandboxnb.load(journal)) == 2
+
+
+_GOOD = {"task_id": "t0", "repeat": 0, "status": "ok"}
+
+
+@pytest.mark.parametrize(("row", "named"), [
+    ({**_GOOD, "task_id": 5}, "task_id = 5: expected a string"),
+    ({**_GOOD, "repeat": "x"}, "repeat = 'x': expected an integer >= 0"),
+    ({**_GOOD, "repeat": -1}, "repeat = -1: expected an integer >= 0"),
+    ({**_GOOD, "repeat": True}, "repeat = True: expected an integer >= 0"),
+    ({**_GOOD, "status": "fine"}, "status = 'fine': expected one of ok, error, timeout, cancelled"),
+    ({**_GOOD, "reward": "abc"}, "reward = 'abc': expected a number or null"),
+    ({**_GOOD, "started_at": "yesterday"}, "started_at = 'yesterday': expected an ISO 8601"),
+    ({**_GOOD, "memory_mb": 1.5}, "memory_mb = 1.5: expected an integer or null"),
+    ({**_GOOD, "duration_s": [1]}, "duration_s = [1]: expected a number or null"),
+    ({**_GOOD, "info": "x"}, "info = 'x': expected an object or null"),
+    ({"sandboxnb_journal": "one"}, "sandboxnb_journal = 'one': expected 1"),
+    ({"sandboxnb_journal": 1, "repeats": "2"}, "repeats = '2': expected an integer >= 1"),
+])
+def test_a_row_with_a_wrong_field_type_is_named(tmp_path, row, named):
+    journal = tmp_path / "j.jsonl"
+    journal.write_text(json.dumps(_GOOD) + "\n" + json.dumps(row) + "\n")
+    for read in (read_journal, sandboxnb.load):  # never a raw ValueError from pandas
+        with pytest.raises(ConfigError) as caught:
+            read(journal).to_pandas() if read is sandboxnb.load else read(journal)
+        assert f"j.jsonl:2: {named}" in str(caught.value), str(caught.value)
+
+
+def test_the_cli_names_the_difference_and_the_way_out(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    assert _cli("--tasks", "HumanEval/0", "--journal", str(journal)).returncode == 0
+    other = _cli("--tasks", "HumanEval/0", "--journal", str(journal), "--resume", "--cpu", "1")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "config resources.cpu None vs 1.0" in other.stderr, other.stderr
+    assert "--force-resume" in other.stderr and "--journal PATH" in other.stderr
+    forced = _cli("--tasks", "HumanEval/0", "--journal", str(journal), "--force-resume",
+                  "--repeats", "2")
+    assert forced.returncode == 0 and "2/2 rollouts" in forced.stdout, forced.stderr

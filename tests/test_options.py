@@ -138,12 +138,12 @@ def test_parse_text_values(text, value):
     ("name", "text", "message"),
     [
         ("cpu", "abc", "resources.cpu = 'abc': expected a number >= 0.01 and <= 1024, or none"),
-        ("cpu", "-1", "resources.cpu = -1.0: Input should be greater than or equal to 0.01"),
+        ("cpu", "-1", "resources.cpu = '-1': expected a number >= 0.01 and <= 1024"),
         ("memory_mb", "1.5",
          "resources.memory_mb = '1.5': expected an integer >= 4 and <= 16777216, or none"),
-        ("disk_mb", "0", "resources.disk_mb = 0"),
+        ("disk_mb", "0", "resources.disk_mb = '0': expected an integer >= 1"),
         ("run_timeout_s", "nan", "limits.run_timeout_s = 'nan': expected a number > 0"),
-        ("idle_timeout_s", "0", "limits.idle_timeout_s = 0.0"),
+        ("idle_timeout_s", "0", "limits.idle_timeout_s = '0': expected a number > 0"),
         ("gpu", "A10G:0", "resources.gpu.count = 0"),
         ("image", " ", "image = ''"),
     ],
@@ -185,8 +185,8 @@ def test_cli_parses_every_option_into_the_config(monkeypatch):
     ("argv", "message"),
     [
         (["--cpu", "abc"], "argument --cpu: resources.cpu = 'abc': expected a number >= 0.01"),
-        (["--run-timeout", "0"], "argument --run-timeout: invalid runtime config: "
-                                 "limits.run_timeout_s = 0.0"),
+        (["--run-timeout", "0"], "argument --run-timeout: limits.run_timeout_s = '0': "
+                                 "expected a number > 0"),
         (["--rollout-timeout", "-3"], "argument --rollout-timeout: rollout_timeout_s = '-3'"),
         (["--timeout", "5"], "--timeout is ambiguous and no longer accepted: use --run-timeout"),
     ],

@@ -22,7 +22,7 @@ from sandboxnb import options
 from sandboxnb.errors import ConfigError, SandboxnbError
 from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
-from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows
+from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, format_age, provider_rows
 from sandboxnb.notebook.sandboxes import SandboxManager, manager, validate_launch
 
 __all__ = ["RemoteCellError", "RemoteValue", "SandboxMagics"]
@@ -32,8 +32,15 @@ class _Parser(MagicArgumentParser):
     """MagicArgumentParser whose errors show the usage line and where to read more."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}\n"
+        message = options.explain_usage_error(self, message)
+        raise UsageError(f"{self.prog}: {message}\n{self.plain_usage()}\n"
                          "(see %sandbox? for every subcommand and option)")
+
+    def plain_usage(self) -> str:
+        """``usage: %sandbox ...`` as typed (IPython's formatter adds reST and a second %)."""
+        formatter = argparse.HelpFormatter(prog=self.prog)
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        return formatter.format_help().strip()
 
 
 def _line_parser() -> _Parser:
@@ -42,7 +49,11 @@ def _line_parser() -> _Parser:
     launch = sub.add_parser("launch", prog="%sandbox launch",
                             help="start an interactive sandbox, kept until stopped")
     launch.add_argument("provider", nargs="?", help="provider name (default: the configured one)")
-    launch.add_argument("--name", help="variable and sandbox name (default sb1, sb2, ...)")
+    launch.add_argument("--name", help="variable and sandbox name (default sb1, sb2, ...); a "
+                        "sandbox of that name running with the same configuration is reused")
+    launch.add_argument("--replace", action="store_true",
+                        help="stop a sandbox of that name (whatever its configuration) and "
+                             "launch a new one")
     options.add_runtime_arguments(launch)
     sub.add_parser("ls", prog="%sandbox ls", help="table of interactive sandboxes")
     stop = sub.add_parser("stop", prog="%sandbox stop", help="stop one sandbox, or --all")
@@ -59,9 +70,12 @@ def _line_parser() -> _Parser:
     run.add_argument("--agent", required=True,
                      help="'oracle', 'samples:PATH', 'module:function' or a variable name")
     run.add_argument("--runtime", help="provider name (default: the configured one)")
-    run.add_argument("--max-concurrent", type=int, dest="max_concurrent", default=None)
-    run.add_argument("--repeats", type=int, default=1)
-    run.add_argument("--limit", type=int, help="only the first N tasks")
+    run.add_argument("--max-concurrent", type=options.count_type("--max-concurrent"),
+                     dest="max_concurrent", default=None, metavar="N")
+    run.add_argument("--repeats", type=options.count_type("--repeats"), default=1, metavar="N")
+    run.add_argument("--tasks", help="only task ids matching these globs (comma-separated)")
+    run.add_argument("--limit", type=options.count_type("--limit", None), metavar="N",
+                     help="only the first N tasks (after --tasks)")
     options.add_rollout_timeout(run)
     run.add_argument("--journal", help="JSONL file that receives every row as it finishes")
     run.add_argument("-o", "--output", dest="output", help="store the results DataFrame here")
@@ -96,6 +110,15 @@ RuntimeDefaults = type(Configurable)(
     (Configurable,),
     {f"default_{opt.name}": _default_trait(opt) for opt in options.OPTIONS},
 )
+
+
+def _check_name(value: str | None, flag: str) -> None:
+    """A name that becomes a notebook variable: an identifier, not a keyword, not a builtin."""
+    if value is not None:
+        try:
+            options.check_variable_name(value, flag)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
 
 
 class RemoteCellError(SandboxnbError):
@@ -187,14 +210,14 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
         Line magic::
 
-          %sandbox launch [PROVIDER] [--name NAME] [runtime options]
+          %sandbox launch [PROVIDER] [--name NAME [--replace]] [runtime options]
           %sandbox ls
           %sandbox stop NAME | --all
           %sandbox providers
           %sandbox doctor [PROVIDER] [runtime options]
           %sandbox run TASKSET --agent AGENT [--runtime PROVIDER] [--max-concurrent N]
-                       [--repeats N] [--limit N] [--rollout-timeout SECONDS] [--journal PATH]
-                       [-o VAR] [runtime options]
+                       [--repeats N] [--tasks GLOBS] [--limit N] [--rollout-timeout SECONDS]
+                       [--journal PATH] [-o VAR] [runtime options]
 
         Cell magic (runs the cell in a sandbox: Python in its persistent namespace, or a shell
         script with --bash; output streams live; Kernel > Interrupt cancels it remotely)::
@@ -222,21 +245,38 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
     # ---- subcommands -------------------------------------------------------------------
     def _cmd_launch(self, args: argparse.Namespace) -> None:
+        _check_name(args.name, "--name")
         provider = args.provider or self.default_provider
         config = self._config(args)
+        if args.replace and not args.name:
+            raise UsageError("%sandbox launch --replace needs --name NAME (the sandbox to "
+                             "replace)")
+        replaced = self.manager.get(args.name) if args.replace and args.name else None
         try:
-            record = self.manager.prepare(provider, args.name, config=config)
+            record = self.manager.prepare(provider, args.name, config=config,
+                                          replace=args.replace, namespace=self.shell.user_ns)
         except ConfigError as err:
             raise UsageError(str(err)) from None
+        if record.job is not None:  # the same sandbox, already running: reused
+            self.manager.wait_ready(record)
+            print(f"sandbox {record.name} is already running with this configuration "
+                  f"({record.provider}, id {record.id}, up {format_age(record.age_s)}): reusing "
+                  f"it (--replace starts a fresh one)")
+            return
+        if replaced is not None:
+            print(f"stopped the previous {replaced.name} ({replaced.provider}, id {replaced.id})")
         self.manager.start(record)
         self.manager.wait_ready(record)
-        self.shell.user_ns[record.name] = SandboxHandle(record, self.manager)
         summary = record.summary()
-        print(f"sandbox {record.name} is running ({record.provider}, id {record.id}; "
-              f"{summary['config']}). Use it as `{record.name}` (await {record.name}.exec(...)) "
-              f"or `%%sandbox {record.name}`; stop it with `%sandbox stop {record.name}`.")
+        name = record.name
+        print(f"sandbox {name} is running ({record.provider}, id {record.id}; "
+              f"{summary['config']}).\n"
+              f"  use it:   await {name}.exec(\"ls\")  or  await {name}.python(\"1 + 1\")\n"
+              f"  a cell:   %%sandbox {name}  (first line of the cell)\n"
+              f"  stop it:  %sandbox stop {name}")
 
     def _cmd_ls(self, args: argparse.Namespace) -> SandboxTable:
+        self.manager.check_alive()  # a sandbox ended by its run timeout shows as ended
         return SandboxTable(self.manager.records())
 
     def _cmd_stop(self, args: argparse.Namespace) -> None:
@@ -253,13 +293,14 @@ class SandboxMagics(Magics, RuntimeDefaults):
                 "%sandbox stop needs a sandbox NAME or --all; running: "
                 f"{', '.join(self.manager.names()) or 'none'}"
             )
+        ended = self.manager.forget(args.name)
+        if ended is not None:
+            print(f"{args.name} had already ended ({ended.error}); removed it")
+            return
         try:
             self.manager.stop(args.name)
         except KeyError:
-            raise UsageError(
-                f"no running sandbox named {args.name!r}; running: "
-                f"{', '.join(self.manager.names()) or 'none'} (see %sandbox ls)"
-            ) from None
+            raise UsageError(self.manager.unknown_name(args.name)) from None
         self._forget(args.name)
         print(f"stopped {args.name}")
 
@@ -288,12 +329,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
         from sandboxnb.scheduler import start
         from sandboxnb.tasks import Taskset
 
-        for field, value in (("--max-concurrent", args.max_concurrent),
-                             ("--repeats", args.repeats), ("--limit", args.limit)):
-            if value is not None and value < 1:
-                raise UsageError(f"{field} = {value}: expected an integer >= 1")
-        if args.output is not None and not args.output.isidentifier():
-            raise UsageError(f"-o {args.output!r}: expected a Python variable name")
+        _check_name(args.output, "-o")
         runtime = args.runtime or self.default_provider
         ns = self.shell.user_ns
         taskset_arg = ns.get(args.taskset, args.taskset) if args.taskset.isidentifier() and \
@@ -305,6 +341,8 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
         try:
             tasks = Taskset.load(taskset_arg)
+            if args.tasks is not None:
+                tasks = tasks.select(options.parse_globs(args.tasks, "--tasks"))
             if args.limit is not None:
                 tasks = Taskset(list(tasks)[: args.limit], name=tasks.name)
         except (ValueError, OSError) as err:
@@ -343,10 +381,11 @@ class SandboxMagics(Magics, RuntimeDefaults):
     # ---- cell magic --------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> Any:
         args = CELL_PARSER.parse_argstring(line)
-        if args.output is not None and not args.output.isidentifier():
-            raise UsageError(f"-o {args.output!r}: expected a Python variable name")
+        _check_name(args.output, "-o")
         target = args.target
         record = self.manager.get(target) if target else None
+        if target and record is None and self.manager.ended(target) is not None:
+            raise UsageError(f"%%sandbox {target}: {self.manager.unknown_name(target)}")
         given = options.given(args)
         if record is not None:
             if given:
@@ -361,9 +400,11 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
             provider = target or self.default_provider
             if provider not in provider_names():
+                running = self.manager.names()
+                hint = options.did_you_mean(provider, [*running, *provider_names()])
                 raise UsageError(
-                    f"%%sandbox {target}: no running sandbox and no provider of that name; "
-                    f"running: {', '.join(self.manager.names()) or 'none'}; providers: "
+                    f"%%sandbox {target}: no running sandbox and no provider of that name"
+                    f"{hint}; running: {', '.join(running) or 'none'}; providers: "
                     f"{', '.join(provider_names())} (start one with %sandbox launch)"
                 )
             _, config = self._validate(provider, self._config(args))

@@ -47,8 +47,11 @@ def provider_class(name: str) -> type[Provider]:
     """Import and return the class registered under ``name``."""
     registered = _registered()
     if name not in registered:
+        from sandboxnb.options import did_you_mean
+
         raise ConfigError(
-            f"runtime = {name!r} is not a known provider; accepted: {', '.join(registered)}"
+            f"runtime = {name!r} is not a known provider{did_you_mean(name, list(registered))}; "
+            f"accepted: {', '.join(registered)}"
         )
     module_name, _, attr = registered[name].partition(":")
     return getattr(importlib.import_module(module_name), attr)

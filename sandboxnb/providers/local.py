@@ -1,15 +1,47 @@
 """The ``local`` provider: a fresh sandbox server process on this machine per acquisition.
 
-Each sandbox gets a private temp directory (its working dir), a random token and a server
-started with the real interpreter (``sys.executable -S -E -s sandboxnb.server.pyz``) in its own
-session. The provider opens the listening socket itself (``127.0.0.1`` with an ephemeral port)
-and hands it to the server, so the address is known before the server runs.
-``isolation="namespaces"`` runs the server under ``unshare --user --map-root-user --pid --mount
---net --fork`` and listens on a unix socket in the sandbox directory (no network inside).
+Each sandbox gets a private directory ``<temp root>/sandboxnb-<id>-*`` (``work/`` is its working
+directory, ``home/`` its HOME), a random token (through a pipe, never in argv or environ) and a
+server started with the real interpreter (``python -S -E -s sandboxnb.server.pyz``). The
+provider opens the listening socket itself and hands it to the server, so the address is known
+before the server runs.
 
-Honoured fields: ``resources.memory_mb`` (RLIMIT_AS on the server and every process it starts),
-``resources.cpu`` (only when a writable cgroup v1 ``cpu`` hierarchy exists: a CFS quota of
-``cpu`` cores for the whole sandbox; otherwise it is rejected), and every ``limits`` field.
+Isolation (``LocalProvider(isolation=...)``):
+
+- ``"auto"`` (default): ``"bwrap"`` where bubblewrap works, else ``"namespaces"`` where user
+  namespaces work, else ``"none"``; a weaker choice is announced once with a warning saying
+  what is missing (``apt-get install bubblewrap``).
+- ``"bwrap"``: the jail of :mod:`.local_jail`: own user/pid/mount/ipc/uts/net namespaces, the
+  system and the interpreter read-only, its own work and home directories, a private ``/tmp``,
+  uid 1000 without capabilities; nothing of the user's home, the host's ``/tmp`` or other
+  sandboxes. It listens on a unix socket in its host directory (passed in as an fd). Teardown
+  kills the pid namespace's init, which ends every process in it (``setsid`` and double-fork
+  escapes included); bwrap's ``--die-with-parent`` does the same when the owner dies.
+- ``"namespaces"``: util-linux ``unshare`` (user, pid, mount, net); the host's files stay
+  visible.
+- ``"none"``: a plain process in its own session, as the owner's user, seeing the owner's files.
+
+Every mode gets a clean environment: an allow-list of the owner's (``LANG``, ``LC_*``, ``TERM``,
+``TZ``), HOME and TMPDIR inside the sandbox, PATH with the interpreter's directory first, and what
+``LocalProvider(env={...})`` adds; nothing else (no cloud credentials).
+
+Processes: at most ``max_processes`` (default 512) through a pids cgroup where one is writable
+(v1, or v2 with ``pids`` delegated) and, in the jail, RLIMIT_NPROC counted in the sandbox's own
+user namespace (kernel >= 5.14; the kernel exempts sandboxes whose uid maps to host root, so for
+a root owner the pids cgroup is the bound). Teardown also sweeps the sandbox's cgroups (v2
+``cgroup.kill`` or SIGKILL to every member), which is what ends escaped processes in
+``"none"`` mode; without any writable cgroup, ``"none"`` can only kill the process groups its
+server started, and a ``setsid`` escape may survive.
+
+Owner death (kill -9): the jail and the namespaces die with their owner (parent-death signal);
+a ``"none"`` server exits through its dead-man switch. Directories and cgroups a dead owner left
+are removed when a LocalProvider of any owner next starts a sandbox there (once per process) and
+by
+``sandboxnb gc --runtime local``: each sandbox directory records its owner's pid and start time.
+
+Honoured fields: ``resources.memory_mb`` (RLIMIT_AS on every process, plus a memory cgroup
+limit for the whole sandbox where writable), ``resources.cpu`` (only when a writable cgroup v1
+``cpu`` hierarchy exists: a CFS quota; otherwise it is rejected), and every ``limits`` field.
 """
 
 from __future__ import annotations
@@ -17,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -33,29 +66,59 @@ from typing import Any, ClassVar
 from sandboxnb.bundle import bundle_path
 from sandboxnb.errors import ConfigError
 from sandboxnb.providers.base import Availability, Found, LaunchSpec, Provider
-from sandboxnb.providers.local_cgroup import CpuCgroup, cpu_cgroup_parent
+from sandboxnb.providers.local_cgroup import (
+    Hierarchy,
+    SandboxCgroups,
+    find_hierarchies,
+    remove_group_now,
+)
+from sandboxnb.providers.local_jail import (
+    bwrap_argv,
+    bwrap_works,
+    clean_env,
+    passwd_lines,
+    unshare_works,
+)
 
-__all__ = ["LocalProvider"]
+__all__ = ["LocalProvider", "sweep_dead_owners"]
 
 log = logging.getLogger("sandboxnb.providers.local")
 
-ISOLATIONS = ("none", "namespaces")
+ISOLATIONS = ("auto", "bwrap", "namespaces", "none")
+DEFAULT_MAX_PROCESSES = 512
 _TERM_GRACE_S = 2.0
+_UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; a longer path gets a loopback tcp port
 _PR_SET_PDEATHSIG = 1
 _UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--mount", "--net", "--fork",
             "--mount-proc", "--kill-child=SIGKILL"]
+#: The file in each sandbox directory naming its owner (pid, start time), labels and cgroups.
+OWNER_FILE = "owner.json"
+_warned: set[str] = set()
+_swept: set[str] = set()
+
+
+def choose_isolation() -> tuple[str, str | None]:
+    """What ``"auto"`` picks here, and (when weaker than the jail) what is missing."""
+    why_not = bwrap_works()
+    if why_not is None:
+        return "bwrap", None
+    if unshare_works() is None:
+        return "namespaces", (f"{why_not}; local sandboxes use isolation='namespaces' (own "
+                              "pid/net namespaces, but the host's files stay visible)")
+    return "none", (f"{why_not}; user namespaces do not work either: local sandboxes use "
+                    "isolation='none' (they see your files and run as your user)")
 
 
 class LocalSandbox:
-    """One running local sandbox: its process, directory, socket address and cgroup."""
+    """One running local sandbox: its process, directory, socket address and cgroups."""
 
-    def __init__(self, spec: LaunchSpec, root: Path) -> None:
-        self.sandbox_id = spec.sandbox_id
-        self.labels = dict(spec.labels)
+    def __init__(self, sandbox_id: str, labels: Mapping[str, str], root: Path) -> None:
+        self.sandbox_id = sandbox_id
+        self.labels = dict(labels)
         self.root = root
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
-        self.cgroup: CpuCgroup | None = None
+        self.cgroups: SandboxCgroups | None = None
         self.log_path = root / "server.log"
 
     def log_tail(self) -> str:
@@ -67,29 +130,51 @@ class LocalSandbox:
 
 
 class LocalProvider(Provider):
-    """Sandboxes as local processes (optionally in user/pid/mount/net namespaces)."""
+    """Sandboxes as local processes, jailed with bubblewrap where the kernel allows it."""
 
     name = "local"
     #: Fields every LocalProvider honours; ``resources.cpu`` is added per instance when a
     #: writable cgroup v1 cpu hierarchy exists (see :attr:`supported` on the instance).
     supported: ClassVar[frozenset[str]] = frozenset({"resources.memory_mb", "limits"})
-    description = "a server process on this machine (temp dir, own session, optional namespaces)"
-    transport = "tcp on 127.0.0.1 (unix socket with isolation='namespaces')"
+    description = ("a server process on this machine, jailed with bubblewrap (own namespaces, "
+                   "read-only system, private dirs, clean env) where available")
+    transport = "unix socket (tcp on 127.0.0.1 with isolation='none')"
 
-    def __init__(self, *, isolation: str = "none", python: str | None = None,
-                 root: str | os.PathLike[str] | None = None, cgroups: bool = True) -> None:
+    def __init__(self, *, isolation: str = "auto", python: str | None = None,
+                 root: str | os.PathLike[str] | None = None, cgroups: bool = True,
+                 env: Mapping[str, str] | None = None,
+                 max_processes: int | None = DEFAULT_MAX_PROCESSES) -> None:
         if isolation not in ISOLATIONS:
             raise ConfigError(
                 f"local isolation = {isolation!r} is not supported; accepted: "
                 f"{', '.join(ISOLATIONS)}"
             )
-        if isolation == "namespaces" and not shutil.which("unshare"):
+        if isolation == "auto":
+            isolation, weaker = choose_isolation()
+            if weaker and weaker not in _warned:
+                _warned.add(weaker)
+                log.warning("local sandboxes are not jailed: %s", weaker)
+        elif isolation == "bwrap" and (why := bwrap_works()) is not None:
+            raise ConfigError(f"local isolation = 'bwrap' is unavailable: {why}")
+        elif isolation == "namespaces" and not shutil.which("unshare"):
             raise ConfigError("local isolation = 'namespaces' needs util-linux `unshare` on PATH")
+        if max_processes is not None and (isinstance(max_processes, bool)
+                                          or not isinstance(max_processes, int)
+                                          or not 8 <= max_processes <= 1_000_000):
+            raise ConfigError(f"local max_processes = {max_processes!r} is not accepted: an "
+                              "integer from 8 to 1000000, or None for no limit")
+        env = dict(env or {})
+        for key, value in env.items():
+            if not isinstance(key, str) or not key or "=" in key or not isinstance(value, str):
+                raise ConfigError(f"local env[{key!r}] = {value!r} is not accepted: names are "
+                                  "non-empty strings without '=', values are strings")
         self.isolation = isolation
         self.python = python or sys.executable
         self.root = str(root) if root is not None else None
-        self._cgroup_parent = cpu_cgroup_parent() if cgroups else None
-        if self._cgroup_parent is not None:
+        self.env = env
+        self.max_processes = max_processes
+        self._hierarchies: list[Hierarchy] = find_hierarchies() if cgroups else []
+        if any(h.kind == "cpu" for h in self._hierarchies):
             self.supported = type(self).supported | {"resources.cpu"}  # type: ignore[misc]
         self._live: dict[str, LocalSandbox] = {}
 
@@ -97,57 +182,82 @@ class LocalProvider(Provider):
     def availability(cls) -> Availability:
         if not os.access(sys.executable, os.X_OK):
             return Availability(False, f"no runnable Python interpreter at {sys.executable}")
-        extra = "" if shutil.which("unshare") else " (isolation='namespaces' needs unshare)"
-        return Availability(True, "runs sandbox servers as local processes" + extra)
+        weaker = choose_isolation()[1]
+        if weaker:
+            return Availability(True, f"runs sandbox servers as local processes, NOT jailed: "
+                                      f"{weaker}")
+        return Availability(True, "runs sandbox servers as local processes in a bubblewrap jail")
 
     # -- backend hooks ----------------------------------------------------------------------
     async def create(self, spec: LaunchSpec) -> LocalSandbox:
-        root = Path(tempfile.mkdtemp(prefix=f"sandboxnb-{spec.sandbox_id}-", dir=self.root))
-        box = LocalSandbox(spec, root)
+        temp_root = self.root or tempfile.gettempdir()
+        if temp_root not in _swept:  # what dead owners left here, once per process
+            _swept.add(temp_root)
+            sweep_dead_owners(temp_root)
+        root = Path(temp_root, f"sandboxnb-{spec.sandbox_id}")
+        root.mkdir(mode=0o700)  # noqa: ASYNC240 - the id is random: one that exists is an error
+        box = LocalSandbox(spec.sandbox_id, spec.labels, root)
         self._live[spec.sandbox_id] = box
-        workdir = root / "work"
-        workdir.mkdir()
+        workdir, home = root / "work", root / "home"
+        for d in (workdir, home):
+            d.mkdir()
+        jailed = self.isolation == "bwrap"
+        tmp = "/tmp" if jailed else str(root / "tmp")
+        if not jailed:
+            os.mkdir(tmp)
+        resources = spec.config.resources
+        if self._hierarchies:  # limits for the whole sandbox; always a teardown sweep
+            box.cgroups = SandboxCgroups.create(
+                self._hierarchies, spec.sandbox_id, cpu=resources.cpu,
+                memory_mb=resources.memory_mb, max_processes=self.max_processes)
+        _write_owner_file(box)
         listener = self._listener(box)
         token_read, token_write = os.pipe()  # the token never sits in /proc/PID/environ
         os.write(token_write, spec.token.encode())
         os.close(token_write)
+        fds = [listener.fileno(), token_read]
         try:
-            fd = listener.fileno()
-            args = spec.server_args(workdir=str(workdir), memory_mb=True,
-                                    listen=["--listen-fd", str(fd), "--token-fd",
-                                            str(token_read)],
-                                    **({} if self.isolation == "namespaces" else
-                                       {"owner_pid": os.getpid(), "remove_dir": str(root)}))
-            argv = [self.python, "-S", "-E", "-s", str(bundle_path()), *args]
-            if self.isolation == "namespaces":
+            listen = ["--listen-fd", str(fds[0]), "--token-fd", str(token_read)]
+            if self.max_processes and self.isolation != "none":
+                listen += ["--max-processes", str(self.max_processes)]
+            unjailed = self.isolation == "none"  # it watches its owner; with no cgroup of its
+            # own (nothing but the directory to sweep) it also removes the directory then
+            args = spec.server_args(
+                workdir=str(workdir), memory_mb=True, listen=listen,
+                owner_pid=os.getpid() if unjailed else None,
+                remove_dir=str(root) if unjailed and box.cgroups is None else None)
+            bundle = str(bundle_path())
+            argv = [self.python, "-S", "-E", "-s", bundle, *args]
+            if jailed:
+                fds += _data_pipes(passwd_lines(str(home)))
+                argv = [*bwrap_argv(python=self.python, bundle=bundle, workdir=str(workdir),
+                                    home=str(home), passwd_fd=fds[2], group_fd=fds[3]), *argv]
+            elif self.isolation == "namespaces":
                 argv = [*_UNSHARE, *argv]
-            # `python3` in the sandbox is the interpreter that runs it (as in an active venv)
-            path = os.pathsep.join([os.path.dirname(self.python), os.environ.get("PATH", "")])
-            env = dict(os.environ, PATH=path)
-            if spec.config.resources.memory_mb:
+            if box.cgroups is not None:  # joined before exec: nothing it starts is outside
+                argv = [*box.cgroups.join_argv(), *argv]
+            env = clean_env(python=self.python, home=str(home), tmp=tmp, extra=self.env)
+            if resources.memory_mb:
                 env["MALLOC_ARENA_MAX"] = "2"  # fewer malloc arenas reserving address space
             with open(box.log_path, "wb") as log_file:  # noqa: ASYNC230 - a local temp file
                 box.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not wait
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-                    cwd=root, env=env, start_new_session=True, close_fds=True,
-                    pass_fds=(fd, token_read),
-                    # the namespaced server cannot watch our pid from its own pid namespace:
-                    # unshare gets SIGKILL when we die, and takes the server with it
+                    cwd=workdir, env=env, start_new_session=True, close_fds=True,
+                    pass_fds=fds,
+                    # unshare's namespaces cannot watch our pid: it dies with us (bwrap does
+                    # that itself with --die-with-parent; no preexec_fn keeps the fast spawn)
                     preexec_fn=_die_with_parent if self.isolation == "namespaces" else None,
                 )
         finally:
             listener.close()  # the server holds its own copies
-            os.close(token_read)
-        if self._cgroup_parent is not None:  # quota if asked; always a teardown sweep
-            box.cgroup = CpuCgroup.create(self._cgroup_parent / spec.sandbox_id,
-                                          spec.config.resources.cpu)
-            box.cgroup.add(box.proc.pid)
+            for fd in fds[1:]:
+                os.close(fd)
         return box
 
     def _listener(self, box: LocalSandbox) -> socket.socket:
         """The server's listening socket, opened here so its address is known at once."""
-        if self.isolation == "namespaces":
-            path = box.root / "server.sock"
+        path = box.root / "sock"
+        if self.isolation != "none" and len(str(path)) < _UNIX_PATH_MAX:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(str(path))
             os.chmod(path, 0o600)
@@ -161,9 +271,6 @@ class LocalProvider(Provider):
         return sock
 
     async def address(self, handle: LocalSandbox) -> str:
-        if handle.cgroup is not None and self.isolation == "namespaces":
-            for pid in _children(handle.proc.pid):  # the namespaced server forked under unshare
-                handle.cgroup.add(pid)
         return handle.url
 
     async def failure(self, handle: LocalSandbox) -> str | None:
@@ -178,8 +285,12 @@ class LocalProvider(Provider):
                 "isolation": self.isolation, "started_at": time.time()}
 
     async def destroy(self, handle: LocalSandbox) -> None:
-        """SIGTERM (the server ends its children), then SIGKILL the group, sweep the cgroup and
-        remove the directory."""
+        """End every process of the sandbox, remove its cgroups and its directory.
+
+        ``"none"``: SIGTERM (the server ends its process groups), then SIGKILL its group.
+        Jails: SIGKILL the outer process; its child, the pid namespace's init, dies with it and
+        takes every process of the namespace along; we wait for that init to be gone.
+        """
         proc = handle.proc
         if proc is not None:
             if self.isolation == "none" and proc.poll() is None:
@@ -187,22 +298,127 @@ class LocalProvider(Provider):
                     os.kill(proc.pid, signal.SIGTERM)
                 if not await _wait_exit(proc, _TERM_GRACE_S):
                     log.warning("sandbox %s ignored SIGTERM: killing it", handle.sandbox_id)
+            inits = _child_pidfds(proc.pid) if self.isolation != "none" else []
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await _wait_exit(proc, None)
-        if handle.cgroup is not None:
-            await handle.cgroup.remove()
+            for pidfd in inits:  # ready once the namespace's last process is gone
+                await _wait_pidfd(pidfd, 10.0)
+        if handle.cgroups is not None:
+            await handle.cgroups.remove()
         shutil.rmtree(handle.root, ignore_errors=True)
         self._live.pop(handle.sandbox_id, None)
 
     async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
-        """Local sandboxes never outlive their owner: only this provider's own are listed."""
-        return [Found(box.sandbox_id, box, box.labels) for box in list(self._live.values())
-                if box.proc is not None and box.proc.poll() is None
-                and all(box.labels.get(k) == v for k, v in labels.items())]
+        """This provider's running sandboxes, plus directories left by owners that died."""
+        found = [Found(box.sandbox_id, box, box.labels) for box in list(self._live.values())
+                 if box.proc is not None and box.proc.poll() is None]
+        known = {box.root for box in self._live.values()}
+        for root, record in _leftovers(self.root or tempfile.gettempdir()):
+            if root not in known:
+                box = LocalSandbox(record["sandbox_id"], record.get("labels", {}), root)
+                box.cgroups = SandboxCgroups([Path(p) for p in record.get("cgroups", [])])
+                found.append(Found(box.sandbox_id, box, box.labels))
+        return [f for f in found if all(f.labels.get(k) == v for k, v in labels.items())]
 
     def owner_labels(self, *, session_only: bool = False) -> dict[str, str]:
         return {} if not session_only else {"sandboxnb.session": self.session_id}
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _write_owner_file(box: LocalSandbox) -> None:
+    record = {"sandbox_id": box.sandbox_id, "pid": os.getpid(),
+              "start": _process_start(os.getpid()), "labels": box.labels,
+              "cgroups": [str(p) for p in box.cgroups.paths] if box.cgroups else []}
+    (box.root / OWNER_FILE).write_text(json.dumps(record))
+
+
+def _owner_dead(record: Mapping[str, Any]) -> bool:
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return False
+    start = _process_start(pid)
+    return start is None or start != record.get("start")
+
+
+def _leftovers(temp_root: str) -> list[tuple[Path, dict[str, Any]]]:
+    """Sandbox directories under ``temp_root`` whose owner process is gone."""
+    found = []
+    try:
+        entries = [e for e in os.scandir(temp_root) if e.name.startswith("sandboxnb-local-")]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            record = json.loads(Path(entry.path, OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # being created, or not ours
+        if isinstance(record, dict) and "sandbox_id" in record and _owner_dead(record):
+            found.append((Path(entry.path), record))
+    return found
+
+
+def sweep_dead_owners(temp_root: str) -> list[str]:
+    """Remove what dead owners left under ``temp_root`` (cgroups first, then directories);
+    return the sandbox ids removed."""
+    removed = []
+    for root, record in _leftovers(temp_root):
+        groups = [Path(p) for p in record.get("cgroups", [])]
+        if all(any(remove_group_now(g) for _ in range(100)) for g in groups):
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(record["sandbox_id"])
+    if removed:
+        log.info("removed %d local sandbox(es) left by dead owners: %s", len(removed),
+                 ", ".join(removed))
+    return removed
+
+
+def _data_pipes(blobs: tuple[bytes, ...]) -> list[int]:
+    """A pipe per blob, already written and closed for writing; the read ends (small blobs)."""
+    fds = []
+    for blob in blobs:
+        r, w = os.pipe()
+        os.write(w, blob)
+        os.close(w)
+        fds.append(r)
+    return fds
+
+
+def _child_pidfds(parent: int) -> list[int]:
+    """Pidfds of ``parent``'s children (checked to be its children once the pidfd is open)."""
+    fds = []
+    for pid in _children(parent):
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            continue
+        if pid in _children(parent):  # still its child, so the pidfd is that process
+            fds.append(fd)
+        else:
+            os.close(fd)
+    return fds
+
+
+async def _wait_pidfd(pidfd: int, within: float) -> None:
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    loop.add_reader(pidfd, lambda: waiter.done() or waiter.set_result(None))
+    try:
+        async with asyncio.timeout(within):
+            await waiter
+    except TimeoutError:
+        log.warning("a local sandbox's pid namespace did not end within %gs", within)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def _die_with_parent() -> None:

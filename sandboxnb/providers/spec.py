@@ -32,9 +32,10 @@ left of its sandboxes, and for how long, with the defaults:
 ==========  ====================================================================================
 provider    gone within
 ==========  ====================================================================================
-local       ~1 s: the server watches its parent (``--owner-pid``) every second and removes its
-            host directory (``--remove-dir``); a namespaced one dies with it (parent-death
-            signal)
+local       ~1 s: a jailed server dies with its owner (bubblewrap's ``--die-with-parent``);
+            an unjailed one watches its parent (``--owner-pid``) every second and, without a
+            cgroup, removes its host directory (``--remove-dir``); a directory left is removed
+            when the next local sandbox starts (or by ``sandboxnb gc``)
 docker      ~1-3 s: a reaper process per provider (:mod:`.docker_reaper`) removes the session's
             containers, started or only created, once its owner's pipe closes; the server's
             switch (15 s) ends a container if the reaper is gone too; containers are

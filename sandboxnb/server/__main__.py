@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 
         limit = opts["memory_mb"] * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if opts["max_processes"]:  # counted per user namespace: bounds a jailed sandbox's processes
+        import resource
+
+        n = opts["max_processes"]
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        if hard != resource.RLIM_INFINITY:
+            n = min(n, hard)
+        resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
     if opts["workdir"]:
         os.makedirs(opts["workdir"], exist_ok=True)
         os.chdir(opts["workdir"])

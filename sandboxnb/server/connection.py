@@ -1,14 +1,13 @@
-"""One client connection: framed reads on its own thread, locked writes from any thread.
+"""One authenticated client connection: framed reads on its own thread, locked writes from any.
 
-The first frame must be ``auth {token, protocol}``; the token is compared in constant time. After
-that every request is dispatched to the server's method table (:mod:`.handlers`).
+Connections reach this module only once :mod:`.gate` has checked their ``auth`` frame; every
+request is then dispatched to the server's method table (:mod:`.handlers`).
 """
 
 from __future__ import annotations
 
 import _socket
 import _thread
-from _operator import _compare_digest as compare_digest  # what hmac.compare_digest uses
 
 from . import wire as P
 from .log import log
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
     from .jobs import Job
     from .lifecycle import Server
 
-HANDSHAKE_TIMEOUT_S = 5.0
 #: The shortest silence (no request, no heartbeat) after which a client counts as gone: 15 of
 #: the clients' 3 s heartbeats. The silence limit is ``max(idle_timeout, SILENT_CLIENT_S)``, and
 #: none when the idle rule is off; a client whose event loop is blocked this long (a notebook
@@ -65,11 +63,12 @@ class LineReader:
 class Connection:
     """One authenticated client: replies, notifications, and the requests it has running."""
 
-    def __init__(self, server: Server, sock: Any, number: int) -> None:
+    def __init__(self, server: Server, sock: Any, number: int, buffered: bytes = b"") -> None:
         self.server = server
         self.sock = sock
         self.number = number
         self.reader = LineReader(sock, server.max_frame)
+        self.reader.buf += buffered  # what the client sent right after its auth frame
         self.send_lock = _thread.allocate_lock()
         self.jobs: dict[Any, Job] = {}
         self.closed = False
@@ -119,14 +118,9 @@ class Connection:
     # -- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> None:
-        """The connection's thread: handshake, then requests until EOF or silence."""
-        authed = False
+        """The connection's thread: requests until EOF or silence."""
+        self.server.client_joined()
         try:
-            self.sock.settimeout(HANDSHAKE_TIMEOUT_S)
-            authed = self._handshake()
-            if not authed:
-                return
-            self.server.client_joined()
             idle = self.server.idle_timeout
             # a client that sends nothing, not even heartbeats, this long is gone; never less
             # than SILENT_CLIENT_S, so a busy client (heartbeats every few seconds) is never
@@ -139,8 +133,7 @@ class Connection:
             for job in list(self.jobs.values()):
                 job.cancel()
             self.close()
-            if authed:
-                self.server.client_left()
+            self.server.client_left()
 
     def _blocking_with_read_timeout(self, seconds: float | None) -> None:
         """Blocking mode (no poll() before each recv/send) with a kernel-side read timeout.
@@ -170,36 +163,6 @@ class Connection:
         if not line:
             return None
         return P.decode(line, self.server.max_frame)
-
-    def _handshake(self) -> bool:
-        try:
-            message = self._read_message()
-        except P.FrameError as exc:
-            self.fail(exc.id, exc.code, f"{exc.message}; expected auth {{token, protocol}}")
-            return False
-        if message is None:
-            return False
-        req_id = message.get("id")
-        params = message.get("params") or {}
-        if message.get("method") != "auth":
-            self.fail(req_id, P.AUTH_REQUIRED, "the first request must be auth {token, protocol}")
-            return False
-        token = params.get("token")
-        if not isinstance(token, str) or not compare_digest(
-            token.encode(), self.server.token.encode()
-        ):
-            self.fail(req_id, P.AUTH_FAILED, "authentication failed: wrong or missing token")
-            return False
-        version = params.get("protocol", P.PROTOCOL_VERSION)
-        if version != P.PROTOCOL_VERSION:
-            self.fail(
-                req_id, P.PROTOCOL_MISMATCH,
-                f"protocol = {version!r} is not supported; this server speaks "
-                f"{P.PROTOCOL_VERSION}",
-            )
-            return False
-        self.reply(req_id, self.server.info())
-        return True
 
     def _serve(self) -> None:
         handlers = self.server.handlers

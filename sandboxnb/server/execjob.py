@@ -11,6 +11,7 @@ import os
 import time
 
 from . import wire as P
+from .jobs import GROUPS_LOCK, exited, forget_group, signal_group
 from .options import TOKEN_ENV
 from .params import ParamError, param, resolve, timeout_param
 
@@ -79,13 +80,11 @@ def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: str |
                             "duration_s": time.monotonic() - started})
         return
     pgid = proc.pid
-    server.process_groups.add(pgid)
+    with GROUPS_LOCK:
+        server.process_groups.add(pgid)
 
     def kill() -> None:
-        try:
-            os.killpg(pgid, _signal.SIGKILL)
-        except OSError:
-            pass
+        signal_group(server, pgid, _signal.SIGKILL)
 
     job.on_cancel = kill
     if job.cancelled:
@@ -121,7 +120,7 @@ def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: str |
         if not events:
             if exited_at is not None:
                 break
-            if pidfd < 0 and proc.poll() is not None:
+            if pidfd < 0 and exited(pgid):
                 exited_at = time.monotonic()
                 continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -147,19 +146,18 @@ def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: str |
         os.close(pidfd)
     proc.stdout.close()
     proc.stderr.close()
-    if deadline is not None and proc.poll() is None:
-        remaining = deadline - time.monotonic()
-        try:
-            proc.wait(max(remaining, 0))
-        except subprocess.TimeoutExpired:
+    if deadline is not None and not exited(pgid):
+        while not exited(pgid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not exited(pgid):
             timed_out = True
             kill()
     if timed_out or job.cancelled:
         kill()  # also reaps grandchildren that kept running after the child exited
+    forget_group(server, pgid)  # before reaping: its pid may be reused once reaped
     exit_code = proc.wait()
     if job.cancelled and not timed_out:
         conn.fail(req_id, P.CANCELLED, "exec cancelled; its process group was killed")
-        server.process_groups.discard(pgid)
         return
     conn.reply(req_id, {"exit_code": exit_code, "timed_out": timed_out,
                         "duration_s": time.monotonic() - started})

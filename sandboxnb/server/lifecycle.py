@@ -28,7 +28,7 @@ import sys
 import time
 
 from . import wire as P
-from .connection import Connection
+from .gate import Gate
 from .handlers import HANDLERS
 from .log import log
 from .options import TOKEN_ENV
@@ -71,6 +71,8 @@ class Server:
         self.python_lock = _thread.allocate_lock()
         self.exiting = False
         self.handlers = HANDLERS
+        #: every new connection's handshake (bounded in bytes, time and count)
+        self.gate = Gate(self, opts.get("handshake_timeout") or P.HANDSHAKE_TIMEOUT_S)
 
     def info(self) -> dict[str, Any]:
         """What ``auth`` answers: who this server is and its limits."""
@@ -123,8 +125,7 @@ class Server:
                     sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
-            conn = Connection(self, sock, self.connections)
-            _thread.start_new_thread(conn.run, ())
+            self.gate.admit(sock, self.connections)
 
     def owner_gone(self) -> bool:
         """Whether the owner process died (we were re-parented)."""
@@ -165,18 +166,26 @@ class Server:
         self.exit(0)
 
     def kill_children(self) -> None:
-        """SIGKILL every process group this server started (exec commands, python worker)."""
+        """SIGKILL every process group this server started that is still ours (exec commands,
+        the python worker), and the processes a finished command left in its group (held by
+        pidfd): groups are forgotten as their leaders are reaped (see :data:`.jobs.GROUPS_LOCK`),
+        so a recycled pid is never signalled."""
         import _signal
 
-        worker = self.python
-        if worker is not None:
-            worker.kill()
-        for pgid in list(self.process_groups):
-            try:
-                os.killpg(pgid, _signal.SIGKILL)
-            except OSError:
-                pass
-        self.process_groups.clear()
+        from .jobs import GROUPS_LOCK, kill_lingering
+
+        acquired = GROUPS_LOCK.acquire(True, 5.0)  # bounded: exit must not hang
+        try:
+            for pgid in list(self.process_groups):
+                try:
+                    os.killpg(pgid, _signal.SIGKILL)
+                except OSError:
+                    pass
+            self.process_groups.clear()
+            kill_lingering()  # what finished commands left in their groups
+        finally:
+            if acquired:
+                GROUPS_LOCK.release()
 
     def exit(self, code: int = 0) -> None:
         """Kill children and leave the process at once."""

@@ -13,6 +13,7 @@ import os
 import sys
 
 from . import wire as P
+from .jobs import GROUPS_LOCK, forget_group, signal_group
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class PythonWorker:
         finally:
             for fd in (to_worker_r, from_worker_w, out_w, err_w):
                 os.close(fd)
-        server.process_groups.add(self.proc.pid)
+        with GROUPS_LOCK:
+            server.process_groups.add(self.proc.pid)
         self.current: tuple[Connection, Any] | None = None
         self.mailbox: Any = None
         self.dead = False
@@ -118,8 +120,8 @@ class PythonWorker:
         except OSError:
             pass
         self.dead = True
+        forget_group(self.server, self.proc.pid)  # before reaping: its pid may be reused then
         code = self.proc.wait()
-        self.server.process_groups.discard(self.proc.pid)
         self._deliver(("died", code))
 
     def _drain(self, fd: int, decoder: Any) -> None:
@@ -142,15 +144,9 @@ class PythonWorker:
     def interrupt(self) -> None:
         import _signal
 
-        try:
-            os.kill(self.proc.pid, _signal.SIGINT)
-        except OSError:
-            pass
+        signal_group(self.server, self.proc.pid, _signal.SIGINT, group=False)
 
     def kill(self) -> None:
         import _signal
 
-        try:
-            os.killpg(self.proc.pid, _signal.SIGKILL)
-        except OSError:
-            pass
+        signal_group(self.server, self.proc.pid, _signal.SIGKILL)

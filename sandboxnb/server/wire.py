@@ -50,6 +50,10 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: Largest frame (one line, newline included) either side accepts by default.
 MAX_FRAME_BYTES = 32 * 1024 * 1024
+#: Largest frame a connection may send before it has authenticated (the auth frame is small).
+MAX_AUTH_FRAME_BYTES = 4096
+#: Default deadline for a whole handshake: connect to a complete auth frame, however it drips in.
+HANDSHAKE_TIMEOUT_S = 5.0
 #: Largest file ``write_file``/``read_file`` move in one call (base64 must still fit one frame).
 MAX_FILE_BYTES = 16 * 1024 * 1024
 #: The longest timeout a request may carry (30 days); inf and nan are refused too.
@@ -134,6 +138,8 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
         message = _loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FrameError(PARSE_ERROR, f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FrameError(PARSE_ERROR, "frame is not valid JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise FrameError(
             INVALID_REQUEST, f"frame must be a JSON object, got {type(message).__name__}"

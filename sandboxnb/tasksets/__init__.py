@@ -44,9 +44,12 @@ def taskset_loader(name: str) -> Callable[[], object]:
     """The loader registered under ``name``; :class:`TaskError` listing the accepted names."""
     registered = _registered()
     if name not in registered:
+        from sandboxnb.options import did_you_mean
+
         raise TaskError(
             f"taskset = {name!r} is not a registered taskset nor a path ending in .json or "
-            f".jsonl; accepted: {', '.join(registered)}, or a .json/.jsonl file"
+            f".jsonl{did_you_mean(name, list(registered))}; accepted: {', '.join(registered)}, "
+            "or a .json/.jsonl file"
         )
     module_name, _, attr = registered[name].partition(":")
     try:
