@@ -94,10 +94,20 @@ def _resume_completes_the_plan(runtime: str, tmp_path: Path, before: int) -> Non
         (collections.Counter(resumed["status"]), bad[["sandbox_id", "error"]].values.tolist())
 
 
+_EARLIER: set[int] = set()  # servers an earlier test left behind (its own failure)
+
+
+@pytest.fixture(autouse=True)
+def _earlier_servers() -> None:
+    _EARLIER.clear()
+    _EARLIER.update(live_sandbox_servers())
+
+
 def live_sandbox_servers() -> set[int]:
-    """Sandbox servers below this test process (a killed run's are re-parented to it)."""
+    """Sandbox servers below this test process (a killed run's are re-parented to it) that
+    this test started."""
     return alive(pid for pid in descendants(os.getpid())
-                 if "--sandbox-id" in (args := argv(pid))
+                 if pid not in _EARLIER and "--sandbox-id" in (args := argv(pid))
                  and any(m in part for part in args for m in SERVER_MARKERS))
 
 
