@@ -112,7 +112,11 @@ def live_sandbox_servers() -> set[int]:
 
 
 def _servers_gone_within(seconds: float, what: str) -> None:
-    wait_until(lambda: not live_sandbox_servers(), seconds, what, interval=0.2)
+    try:
+        wait_until(lambda: not live_sandbox_servers(), seconds, what, interval=0.2)
+    except AssertionError as err:
+        left = {pid: " ".join(argv(pid))[:200] for pid in live_sandbox_servers()}
+        raise AssertionError(f"{err}; still running: {left}") from None
 
 
 def test_local_owner_death(tmp_path):
