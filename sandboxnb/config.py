@@ -121,6 +121,11 @@ class Resources(_Model):
         return _refuse_bool(value)
 
 
+#: The dead-man switch's default window: a sandbox server exits this long after its last
+#: client is gone (a few heartbeats: clients send one every 3 s). See sandboxnb/providers/spec.py.
+DEFAULT_IDLE_TIMEOUT_S = 15.0
+
+
 class Limits(_Model):
     """Time limits, in seconds. ``None`` means no limit (or the provider's default)."""
 
@@ -132,8 +137,9 @@ class Limits(_Model):
         description="sandbox lifetime cap in seconds: the sandbox is ended then"
     )
     idle_timeout_s: float | None = Field(
-        300.0, gt=0, le=MAX_SECONDS,
-        description="seconds without a connected client after which the sandbox server exits",
+        DEFAULT_IDLE_TIMEOUT_S, gt=0, le=MAX_SECONDS,
+        description="seconds without a connected client after which the sandbox server exits "
+        "(the dead-man switch)",
     )
 
     @field_validator("startup_timeout_s", "run_timeout_s", "idle_timeout_s", mode="before")

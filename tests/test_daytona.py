@@ -249,7 +249,7 @@ def _server_argv(emu: DaytonaEmulator, sandbox_id: str) -> tuple[str, list[str]]
 
 async def test_server_options_follow_the_one_policy(emu, provider):
     cases = [
-        (RuntimeConfig(), {"--startup-timeout": "60", "--idle-timeout": "300"}),
+        (RuntimeConfig(), {"--startup-timeout": "60", "--idle-timeout": "15"}),
         (RuntimeConfig().merge({"limits": {"startup_timeout_s": None, "idle_timeout_s": None}}),
          {"--startup-timeout": "0", "--idle-timeout": "0"}),
         (RuntimeConfig().merge({"limits": {"startup_timeout_s": 45, "idle_timeout_s": 7.5}}),

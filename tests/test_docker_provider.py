@@ -289,9 +289,9 @@ async def test_startup_timeout_bounds_acquire(provider, engine, slow_image, star
 
 
 async def test_unset_limits_follow_the_one_policy(provider, engine):
-    """Defaults: 60 s startup, 300 s idle; None turns a limit off (0) on the server."""
+    """Defaults: 60 s startup, 15 s idle; None turns a limit off (0) on the server."""
     unset = RuntimeConfig().merge({"limits": {"startup_timeout_s": None, "idle_timeout_s": None}})
-    for config, startup, idle in ((config_from_flat(), "60", "300"), (unset, "0", "0")):
+    for config, startup, idle in ((config_from_flat(), "60", "15"), (unset, "0", "0")):
         async with provider.sandbox(config) as endpoint:
             argv = engine.api.inspect_container(endpoint.meta["container_id"])["Args"]
             assert argv[argv.index("--startup-timeout") + 1] == startup

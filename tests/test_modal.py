@@ -121,7 +121,7 @@ async def test_cpu_only_sandbox_uses_v2_and_defaults(emu, provider):
     assert rec.api == "v2"
     assert rec.cpu is None and rec.memory_mb is None and rec.gpu is None
     assert rec.timeout == MAX_TIMEOUT_S == 24 * 3600  # no run timeout: Modal's own maximum
-    assert rec.idle_timeout == 300
+    assert rec.idle_timeout == 60  # max(idle 15 s, startup 60 s): never cuts a slow start
     assert emu.rpc_calls["AuthTokenGet"] >= 1
 
 
@@ -362,9 +362,10 @@ async def test_untrusted_tunnel_certificate_is_reported_at_once(emu, provider, m
 
 
 async def test_abandoned_sandbox_goes_away_after_idle_timeout(emu, provider):
-    async with provider.sandbox(config_from_flat(idle_timeout_s=1)) as endpoint:
+    config = config_from_flat(idle_timeout_s=1, startup_timeout_s=5)
+    async with provider.sandbox(config) as endpoint:
         rec = record(emu, endpoint.sandbox_id)
-        assert rec.idle_timeout == 1
+        assert rec.idle_timeout == 5  # max(idle, startup): Modal never cuts a slow start
         # Nobody connects (a crashed client): the server's dead-man switch or Modal's idle
         # timeout ends the sandbox without any terminate call.
         await wait_until_async(lambda: not emu.live_sandboxes(), 15,

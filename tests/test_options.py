@@ -157,7 +157,7 @@ def test_bad_values_name_field_value_and_what_is_accepted(name, text, message):
 def test_none_clears_a_limit_and_absent_keeps_the_default():
     config = config_from_options({"startup_timeout_s": None, "disk_mb": 2048})
     assert config.limits.startup_timeout_s is None  # none: no limit
-    assert config.limits.idle_timeout_s == 300.0  # not given: the config default
+    assert config.limits.idle_timeout_s == 15.0  # not given: the config default
     assert config.resources.disk_mb == 2048
 
 

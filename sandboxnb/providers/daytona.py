@@ -3,8 +3,14 @@
 ``create`` builds a snapshot from ``image`` once (:mod:`.daytona_backend`), creates the sandbox
 from it (named by the spec's id, with its labels), uploads the server and its env through the
 toolbox and starts it in a process session while SSH access is connected; ``address`` forwards a
-local port to the server's fixed port. Daytona's auto-stop stays on as a leak net while
-``refresh_activity`` keepalives hold the sandbox.
+local port to the server's fixed port.
+
+When the owner dies, the server's dead-man switch exits 15 s after the last client is gone (the
+SSH connection closes with the owner), but a Daytona sandbox keeps running when our process
+exits. Its own net is auto-stop, never off and by default Daytona's shortest, 1 minute after the
+last SDK call (``refresh_activity`` keepalives, every 15 s, hold a busy sandbox), and every
+sandbox is ephemeral (``auto_delete_interval=0``): deleted as soon as it stops, so a stopped one
+is not left behind either.
 
 Transient faults (:mod:`.retry`): 429 is a throttle (its ``Retry-After`` honoured); 5xx,
 connection errors and a 409 on create (our sandbox id is its name: a repeat of a create that
@@ -43,6 +49,8 @@ __all__ = ["GPU_TYPES", "DaytonaProvider", "DaytonaSandbox", "daytona_resources"
 
 log = logging.getLogger("sandboxnb.providers.daytona")
 
+#: Daytona's shortest auto-stop (0 would switch it off): the sandbox's net when its owner dies.
+AUTO_STOP_MINUTES = 1
 #: The toolbox process session the server runs in.
 SESSION = "sandboxnb-server"
 _SERVER, _ENV = f".sandboxnb/{SERVER_BUNDLE_NAME}", ".sandboxnb/env"
@@ -65,8 +73,9 @@ class DaytonaProvider(Provider):
     """Sandboxes on Daytona (``DAYTONA_API_KEY``; optionally ``DAYTONA_API_URL``/``_TARGET``).
 
     ``snapshot`` (an existing one) or ``image`` (a config's wins; ``default_image`` serves
-    resources without one), ``target``, ``auto_stop_minutes`` (never off), ``keepalive_s``
-    (default a quarter of auto-stop, at most 60 s), ``server_port`` (inside the sandbox),
+    resources without one), ``target``, ``auto_stop_minutes`` (never off; default 1, Daytona's
+    shortest: how long a sandbox outlives a dead owner), ``keepalive_s`` (default a quarter of
+    auto-stop, at most 60 s), ``server_port`` (inside the sandbox),
     ``ssh_minutes``, ``session_id``, ``labels`` (extra), ``api_url``/``api_key``.
     """
 
@@ -78,7 +87,7 @@ class DaytonaProvider(Provider):
     transport: ClassVar[str] = "SSH local forward through Daytona's gateway"
 
     def __init__(self, *, snapshot: str | None = None, image: str | None = None,
-                 target: str | None = None, auto_stop_minutes: int = 15,
+                 target: str | None = None, auto_stop_minutes: int = AUTO_STOP_MINUTES,
                  keepalive_s: float | None = None, server_port: int = 7000,
                  ssh_minutes: int = 24 * 60, session_id: str | None = None,
                  labels: dict[str, str] | None = None, api_url: str | None = None,
@@ -145,7 +154,7 @@ class DaytonaProvider(Provider):
             sandbox = await client.create(CreateSandboxFromSnapshotParams(
                 name=spec.sandbox_id, snapshot=snapshot, target=self.target,
                 labels={**self.extra_labels, **spec.labels},
-                auto_stop_interval=self.auto_stop_minutes),
+                auto_stop_interval=self.auto_stop_minutes, ephemeral=True),
                 timeout=spec.config.limits.startup_timeout_s or 0)
         except DaytonaError as err:
             raise ProviderError(f"daytona: {err}") from err

@@ -6,6 +6,11 @@ port). The synchronous ``docker`` SDK runs in the provider's own threads, never 
 ``cpu`` -> ``--cpus``, ``memory_mb`` -> ``--memory`` (swap included: a hard cap), ``gpu`` ->
 ``--gpus N`` (a count only: Docker cannot select a GPU model).
 
+When the owner dies, its containers go within seconds: a reaper process
+(:mod:`.docker_reaper`, one per provider, started with the first sandbox) removes every
+container of the provider's session, started or only created, once the owner's pipe closes.
+The server's dead-man switch is the second net, and ``--rm`` leaves no stopped container.
+
 Transient faults (:mod:`.retry`): 429 is a throttle; 5xx, connection errors and a 409 on create
 (a container of that name exists: an earlier attempt did happen) are uncertain; a container found
 after an uncertain create is replaced (it may never have been started); other errors are
@@ -18,6 +23,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -101,6 +108,7 @@ class DockerProvider(Provider):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._client: Any = None
         self._lock = threading.Lock()
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run an SDK call in the provider's threads."""
@@ -147,7 +155,34 @@ class DockerProvider(Provider):
         return kwargs
 
     async def create(self, spec: LaunchSpec) -> Container:
+        self._start_reaper(spec)
         return await self._call(self._create, spec)
+
+    def _start_reaper(self, spec: LaunchSpec) -> None:
+        """Start the reaper that removes our containers if we die (once per provider)."""
+        if self._reaper is not None and self._reaper.poll() is None:
+            return
+        script = os.path.join(os.path.dirname(__file__), "docker_reaper.py")
+        args = [spec.labels[f"{LABEL}.session"], spec.labels[f"{LABEL}.pid"]]
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-I", "-u", script, *args, *filter(None, [self.base_url])],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)  # no Ctrl-C of ours reaches it
+
+    async def _stop_reaper(self) -> None:
+        """A clean close: tell the reaper there is nothing to reap and wait for it to exit."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is None:
+            return
+        with contextlib.suppress(OSError):
+            assert reaper.stdin is not None
+            reaper.stdin.write(b"q")
+            reaper.stdin.close()
+        try:
+            await asyncio.to_thread(reaper.wait, 10)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            await asyncio.to_thread(reaper.wait)
 
     def _create(self, spec: LaunchSpec) -> Container:
         """Create, copy the server in, attach to its output, start. (A container that fails to
@@ -236,6 +271,7 @@ class DockerProvider(Provider):
 
     async def aclose(self) -> None:
         await super().aclose()
+        await self._stop_reaper()
         client, pool, self._client, self._pool = self._client, self._pool, None, None
         if client is not None:
             with contextlib.suppress(Exception):

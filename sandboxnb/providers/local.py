@@ -223,8 +223,12 @@ class LocalProvider(Provider):
             listen = ["--listen-fd", str(fds[0]), "--token-fd", str(token_read)]
             if self.max_processes and self.isolation != "none":
                 listen += ["--max-processes", str(self.max_processes)]
-            args = spec.server_args(workdir=str(workdir), memory_mb=True, listen=listen,
-                                    owner_pid=os.getpid() if self.isolation == "none" else None)
+            unjailed = self.isolation == "none"  # it watches its owner; with no cgroup of its
+            # own (nothing but the directory to sweep) it also removes the directory then
+            args = spec.server_args(
+                workdir=str(workdir), memory_mb=True, listen=listen,
+                owner_pid=os.getpid() if unjailed else None,
+                remove_dir=str(root) if unjailed and box.cgroups is None else None)
             bundle = str(bundle_path())
             argv = [self.python, "-S", "-E", "-s", bundle, *args]
             if jailed:

@@ -5,8 +5,12 @@ its arguments) and execs it, so any image with ``python3`` >= 3.9 works; the tok
 environment. A plain tunnel (``unencrypted_ports``, deprecated by Modal) only with
 ``encrypted=False``. Images: a registry reference, ``modal://NAME[:TAG]`` (``Image.publish``),
 ``im-...`` or a ``modal.Image``, each resolved once per provider. ``memory_mb`` is both request and
-hard limit; ``gpu`` is ``"TYPE[:N]"``; ``idle_timeout_s`` is also Modal's ``idle_timeout``. Tags are
-the spec's labels as they are (Modal takes any tag key).
+hard limit; ``gpu`` is ``"TYPE[:N]"``. Tags are the spec's labels as they are (Modal takes any
+tag key).
+
+When the owner dies, the server's dead-man switch exits ``idle_timeout_s`` (15 s) after the last
+client is gone, and a Modal sandbox ends when its command exits; Modal's ``idle_timeout``
+(``max(idle_timeout_s, startup_timeout_s)``: no tunnel connection that long) is the second net.
 
 Modal caps a sandbox's lifetime (``timeout``, counted from create): it is ``startup_timeout_s +
 run_timeout_s``, so the base's run timeout (counted from ready) decides and the cap is the
@@ -158,7 +162,7 @@ class ModalProvider(Provider):
             "env": {**self.env, **spec.server_env(), "PYTHONUNBUFFERED": "1"},
             "tags": {**self.extra_tags, **spec.labels},
             ("encrypted_ports" if self.encrypted else "unencrypted_ports"): [_PORT],
-            "idle_timeout": lim.idle_timeout_s and max(1, math.ceil(lim.idle_timeout_s)),
+            "idle_timeout": _modal_idle_timeout(lim.idle_timeout_s, lim.startup_timeout_s),
             "cpu": res.cpu and float(res.cpu),
             "memory": res.memory_mb and (res.memory_mb, res.memory_mb),
             "gpu": res.gpu and str(res.gpu), "region": self.region, "cloud": self.cloud,
@@ -284,6 +288,15 @@ def _classify(err: BaseException) -> retry.Fault | None:
             return retry.Fault(retry.Kind.UNCERTAIN)
         seen = seen.__cause__
     return None
+
+
+def _modal_idle_timeout(idle: float | None, startup: float | None) -> int | None:
+    """Modal's ``idle_timeout``, the second net behind the server's dead-man switch: Modal ends
+    a sandbox with no open tunnel connection this long. Never shorter than the startup limit, so
+    a slow first connection is not cut; ``None`` when the switch is off."""
+    if idle is None:
+        return None
+    return max(1, math.ceil(max(idle, startup or 0)))
 
 
 def _refuse(field_name: str, value: Any, accepted: str) -> NoReturn:

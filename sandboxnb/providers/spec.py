@@ -10,9 +10,43 @@ field                  default    ``None`` means
                                   client forever
 ``run_timeout_s``      none       no lifetime cap from sandboxnb (a backend with a hard cap of
                                   its own, like Modal's 24 h, still applies it)
-``idle_timeout_s``     300 s      the dead-man switch is off: the server never exits for lack
-                                  of a client (a local sandbox still exits with its owner)
+``idle_timeout_s``     15 s       the dead-man switch is off: the server never exits for lack
+                                  of a client and never drops a silent one; the sandbox still
+                                  ends with its owner where the provider sees the owner die
+                                  (local, docker) and at the backend's own net (Modal's
+                                  ``timeout``, Daytona's auto-stop)
 =====================  =========  ==============================================================
+
+**The dead-man switch** (the server, :mod:`sandboxnb.server.lifecycle`): clients heartbeat every
+3 s; the server exits ``idle_timeout_s`` after its last client is gone. A client is gone when its
+connection closes (a killed owner's kernel closes it at once) or when it has sent nothing for
+the silence limit, ``max(idle_timeout_s, 45 s)``. An event loop blocked that long (a notebook
+cell that never yields) stops heartbeats too: the connection is dropped and the sandbox ends
+one idle window later; raise ``idle_timeout_s``, or set it to ``None``, for such sessions. A
+sandbox that never saw a client (its owner died while acquiring it) ends
+``min(startup_timeout_s, max(idle_timeout_s, 15 s))`` after its server started.
+
+**When the owner is killed** (``kill -9`` of a notebook kernel or ``sandboxnb run``), what is
+left of its sandboxes, and for how long, with the defaults:
+
+==========  ====================================================================================
+provider    gone within
+==========  ====================================================================================
+local       ~1 s: a jailed server dies with its owner (bubblewrap's ``--die-with-parent``);
+            an unjailed one watches its parent (``--owner-pid``) every second and, without a
+            cgroup, removes its host directory (``--remove-dir``); a directory left is removed
+            when the next local sandbox starts (or by ``sandboxnb gc``)
+docker      ~1-3 s: a reaper process per provider (:mod:`.docker_reaper`) removes the session's
+            containers, started or only created, once its owner's pipe closes; the server's
+            switch (15 s) ends a container if the reaper is gone too; containers are
+            ``--rm`` (auto-removed), so none is left stopped
+modal       ~15 s after the last client (the server exits, and a Modal sandbox ends with its
+            command); Modal's ``idle_timeout`` (``max(idle, startup)``) and ``timeout`` are the
+            second net
+daytona     the server exits after 15 s; the Daytona sandbox itself keeps running until its
+            auto-stop, which is 1 minute (Daytona's shortest) after the last keepalive, then
+            it is deleted at once (``auto_delete_interval=0``)
+==========  ====================================================================================
 """
 
 from __future__ import annotations
@@ -103,12 +137,15 @@ class LaunchSpec:
     labels: Mapping[str, str]
 
     def server_args(self, *, workdir: str | None = None, listen: list[str] | None = None,
-                    memory_mb: bool = False, owner_pid: int | None = None) -> list[str]:
+                    memory_mb: bool = False, owner_pid: int | None = None,
+                    remove_dir: str | None = None) -> list[str]:
         """The server's options (after ``python3 BUNDLE``), from the one policy.
 
         ``listen`` is how it listens (``["--host", "0.0.0.0", "--port", "7000"]``,
         ``["--unix", PATH]`` or ``["--listen-fd", "N"]``); ``memory_mb`` makes the server
-        cap its own address space (for backends without a memory limit of their own).
+        cap its own address space (for backends without a memory limit of their own);
+        ``owner_pid`` is the parent whose death ends the server, which then removes
+        ``remove_dir`` (the sandbox's host directory).
         """
         limits = self.config.limits
         args = ["--sandbox-id", self.sandbox_id,
@@ -120,6 +157,8 @@ class LaunchSpec:
             args += ["--memory-mb", str(self.config.resources.memory_mb)]
         if owner_pid is not None:
             args += ["--owner-pid", str(owner_pid)]
+        if remove_dir is not None:
+            args += ["--remove-dir", remove_dir]
         return [*args, *(listen or [])]
 
     def server_env(self) -> dict[str, str]:

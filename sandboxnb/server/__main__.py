@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(opts, token, listener)
     import _signal
 
-    _signal.signal(_signal.SIGTERM, lambda *_: server.exit(0))
+    _signal.signal(_signal.SIGTERM, lambda *_: server.terminate())
     _thread.stack_size(1 << 20)  # keeps address space small under RLIMIT_AS
     ready = (f'{READY_PREFIX}{{"port": {"null" if port is None else port}, '
              f'"pid": {os.getpid()}, "protocol": {P.PROTOCOL_VERSION}}}\n')

@@ -20,8 +20,11 @@ if TYPE_CHECKING:
     from .jobs import Job
     from .lifecycle import Server
 
-#: The shortest silence (no request, no heartbeat) after which a client counts as gone.
-SILENT_CLIENT_S = 30.0
+#: The shortest silence (no request, no heartbeat) after which a client counts as gone: 15 of
+#: the clients' 3 s heartbeats. The silence limit is ``max(idle_timeout, SILENT_CLIENT_S)``, and
+#: none when the idle rule is off; a client whose event loop is blocked this long (a notebook
+#: cell that never yields) is dropped, and the idle window then starts.
+SILENT_CLIENT_S = 45.0
 
 
 class LineReader:

@@ -1,8 +1,22 @@
 """The server object: shared state, the accept loop, the dead-man switch, and shutdown.
 
-The server leaves by itself (exit code 0, every child process group killed) when no client has
-connected within ``--startup-timeout``, when no client has been connected for ``--idle-timeout``,
-or when its owner (``--owner-pid``, its parent) has died; also on ``shutdown`` or SIGTERM.
+The dead-man switch: the server leaves by itself (exit code 0, every child process group
+killed) when
+
+* no client has connected within ``--startup-timeout`` of its start, or, when the idle rule is
+  on, within ``max(idle, FIRST_CLIENT_S)`` if that is shorter (15 s by default: a live owner
+  connects within a second or two of the server listening; an owner killed while acquiring
+  never does);
+* its last client has been gone for ``--idle-timeout`` (15 s by default: a few of the clients'
+  3 s heartbeats). A client is gone when its connection closes, or when it has sent nothing,
+  not even a heartbeat, for the silence limit (``max(idle, SILENT_CLIENT_S)``, see
+  :mod:`.connection`); a new connection within the window keeps the server;
+* its owner (``--owner-pid``, its parent) has died: checked every second; with
+  ``--remove-dir`` it then also removes that directory (the sandbox's host directory).
+
+It also leaves on ``shutdown`` or SIGTERM (the owner's release; ``--remove-dir`` is removed
+then too, so an owner killed while releasing leaves no directory behind). ``--idle-timeout 0``
+switches the idle rule off.
 """
 
 from __future__ import annotations
@@ -24,6 +38,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .pyprocess import PythonWorker
+
+#: With the idle rule on, the server waits at most ``max(idle, FIRST_CLIENT_S)`` (and at most
+#: ``--startup-timeout``) for its first client.
+FIRST_CLIENT_S = 15.0
 
 
 class Server:
@@ -84,22 +102,17 @@ class Server:
     def serve_forever(self) -> None:
         """Accept connections until shutdown or the dead-man switch fires."""
         while not self.exiting:
-            if self.owner_pid is not None and os.getppid() != self.owner_pid:
+            if self.owner_gone():
                 log(f"owner process {self.owner_pid} is gone: exiting (dead-man switch)")
+                self.remove_host_dir()
                 self.exit(0)
-            with self.lock:
-                clients, last = self.clients, self.last_change
-                limit = self.idle_timeout if self.ever_connected else self.startup_timeout
-                if not self.ever_connected:
-                    last = self.started
-            wait = 1.0
-            if clients == 0 and limit is not None:
-                remaining = last + limit - time.monotonic()
-                if remaining <= 0:
-                    why = "idle" if self.ever_connected else "no client connected"
-                    log(f"{why} for {limit:g}s: exiting (dead-man switch)")
-                    self.exit(0)
-                wait = min(wait, max(remaining, 0.01))
+            remaining = self.idle_remaining()
+            if remaining is not None and remaining <= 0:
+                why = "idle" if self.ever_connected else "no client connected"
+                log(f"{why} for {self.idle_limit():g}s: exiting (dead-man switch)")
+                self.exit(0)
+            # wake at least every second: the owner check is the local sandbox's 1 s window
+            wait = 1.0 if remaining is None else min(1.0, max(remaining, 0.01))
             self.listener.settimeout(wait)
             try:
                 fd, _addr = self.listener._accept()
@@ -113,6 +126,44 @@ class Server:
                 except OSError:
                     pass
             self.gate.admit(sock, self.connections)
+
+    def owner_gone(self) -> bool:
+        """Whether the owner process died (we were re-parented)."""
+        return self.owner_pid is not None and os.getppid() != self.owner_pid
+
+    def idle_remaining(self) -> float | None:
+        """Seconds until the idle (or first-client) rule fires; None while a client is
+        connected or when the rule is off."""
+        with self.lock:
+            if self.clients:
+                return None
+            last = self.last_change if self.ever_connected else self.started
+        limit = self.idle_limit()
+        return None if limit is None else last + limit - time.monotonic()
+
+    def idle_limit(self) -> float | None:
+        """How long the server may go without a client now (None: forever)."""
+        idle, startup = self.idle_timeout, self.startup_timeout
+        if self.ever_connected:
+            return idle
+        if idle is None or startup is None:
+            return startup
+        return min(startup, max(idle, FIRST_CLIENT_S))
+
+    def remove_host_dir(self) -> None:
+        """Remove ``--remove-dir`` (its owner, who would have removed it, is gone)."""
+        path = self.opts.get("remove_dir")
+        if not path:
+            return
+        self.kill_children()  # nothing writes into it any more
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+    def terminate(self) -> None:
+        """SIGTERM: the owner releases the sandbox. Leave, removing ``--remove-dir``."""
+        self.remove_host_dir()
+        self.exit(0)
 
     def kill_children(self) -> None:
         """SIGKILL every process group this server started that is still ours (exec commands,

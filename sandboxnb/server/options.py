@@ -21,7 +21,7 @@ USAGE = (
     "[--sandbox-id ID] [--idle-timeout S] [--startup-timeout S] [--handshake-timeout S] "
     "[--memory-mb N] "
     "[--workdir DIR] [--max-frame-bytes N] [--max-file-bytes N] [--owner-pid PID] "
-    "[--listen-fd FD] [--token-fd FD] [--max-processes N]\n"
+    "[--listen-fd FD] [--token-fd FD] [--max-processes N] [--remove-dir DIR]\n"
     f"The token is read from --token-fd (a pipe, closed after reading) or env {TOKEN_ENV}."
 )
 _OPTIONS = {
@@ -40,7 +40,11 @@ _OPTIONS = {
     "--listen-fd": int,
     "--token-fd": int,
     "--max-processes": int,
+    "--remove-dir": str,
 }
+#: The dead-man switch's window when ``--idle-timeout`` is not given (the client library's
+#: default limit, ``sandboxnb.config.DEFAULT_IDLE_TIMEOUT_S``, is the same).
+IDLE_TIMEOUT_S = 15.0
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
@@ -51,10 +55,11 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     """
     opts: dict[str, Any] = {
         "host": "127.0.0.1", "port": 0, "unix": None, "sandbox_id": None,
-        "idle_timeout": 300.0, "startup_timeout": 60.0,
+        "idle_timeout": IDLE_TIMEOUT_S, "startup_timeout": 60.0,
         "handshake_timeout": wire.HANDSHAKE_TIMEOUT_S, "memory_mb": None, "workdir": None,
         "max_frame_bytes": wire.MAX_FRAME_BYTES, "max_file_bytes": wire.MAX_FILE_BYTES,
         "owner_pid": None, "listen_fd": None, "token_fd": None, "max_processes": None,
+        "remove_dir": None,
     }
     i = 0
     while i < len(argv):

@@ -281,7 +281,7 @@ async def test_unset_limits_mean_the_same_everywhere(harness, provider):
     """Defaults and ``None`` reach the server as the one policy says, asked of the backend."""
     read = harness.server_command or server_command_in_sandbox
     cases = {
-        "defaults": (RuntimeConfig(), {"--startup-timeout": "60", "--idle-timeout": "300"}),
+        "defaults": (RuntimeConfig(), {"--startup-timeout": "60", "--idle-timeout": "15"}),
         "unset": (RuntimeConfig().merge({"limits": {"startup_timeout_s": None,
                                                     "idle_timeout_s": None}}),
                   {"--startup-timeout": "0", "--idle-timeout": "0"}),

@@ -157,6 +157,7 @@ class DaytonaEmulator:
             sb.isolated = None
         if sb.state != "destroyed":
             sb.state = "stopped"
+            sb.stopped_at = time.monotonic()
         log.info("sandbox %s stopped (%s)", sb.id, reason)
 
     async def destroy_sandbox(self, sb: EmulatedSandbox) -> None:
@@ -170,6 +171,9 @@ class DaytonaEmulator:
                 tok.revoked = True
 
     async def _auto_stop_loop(self) -> None:
+        """Daytona's own nets: auto-stop (no SDK activity for ``autoStopInterval`` minutes), then
+        auto-delete (stopped for ``autoDeleteInterval`` minutes; 0: at once, as for an
+        ephemeral sandbox; negative: never)."""
         while True:
             await asyncio.sleep(max(0.02, min(1.0, self.minute_s / 4)))
             now = time.monotonic()
@@ -178,6 +182,11 @@ class DaytonaEmulator:
                 if sb.state == "started" and sb.auto_stop_interval > 0 and (
                         now - sb.last_activity > limit):
                     await self.stop_sandbox(sb, reason="auto-stop: no activity")
+                delete_after = sb.auto_delete_interval * self.minute_s
+                if sb.state == "stopped" and sb.auto_delete_interval >= 0 and (
+                        now - (sb.stopped_at or now) >= delete_after):
+                    await self.destroy_sandbox(sb)
+                    log.info("sandbox %s deleted (auto-delete)", sb.id)
 
     # -- HTTP plumbing -----------------------------------------------------------------------
 

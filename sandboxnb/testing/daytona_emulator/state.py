@@ -72,6 +72,8 @@ class EmulatedSandbox:
     last_activity: float = field(default_factory=time.monotonic)
     last_activity_at: str = field(default_factory=now_iso)
     activity_refreshes: int = 0
+    #: when it last stopped (monotonic), for auto-delete
+    stopped_at: float | None = None
     sessions: dict[str, dict[str, SessionCommand]] = field(default_factory=dict)
 
     def touch(self) -> None:
