@@ -13,7 +13,7 @@ import time
 from . import wire as P
 from .jobs import GROUPS_LOCK, exited, forget_group, signal_group
 from .options import TOKEN_ENV
-from .params import ParamError, check_text, param, resolve, timeout_param
+from .params import ParamError, b64, param, resolve, text, timeout_param
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,44 +40,28 @@ def _prepare(server: Any, params: dict[str, Any]) -> tuple[Any, ...]:
         if not cmd or not all(isinstance(a, str) for a in cmd):
             raise ParamError(f"parameter cmd = {cmd!r} must be a non-empty list of strings "
                              "or a shell command string")
-        argv = [check_text("cmd", a) for a in cmd]
+        argv = [text("cmd", a, True) for a in cmd]
     else:
-        argv = ["/bin/sh", "-c", check_text("cmd", cmd)]
-    cwd = resolve(server.workdir, check_text("cwd", param(params, "cwd", str,
-                                                          default=server.workdir)))
+        argv = ["/bin/sh", "-c", text("cmd", cmd, True)]
+    cwd = resolve(server.workdir, param(params, "cwd", str, default=server.workdir), "cwd")
     if not os.path.isdir(cwd):
         raise ParamError(f"parameter cwd = {cwd!r} is not a directory")
     env = dict(server.child_env)
     for key, value in (param(params, "env", dict, default={})).items():
-        check_text("env", key)
-        if not key or "=" in key:
-            raise ParamError(f"parameter env has the variable name {key!r}; a name must be "
-                             "non-empty and must not contain '='")
+        if not text("env", key, True) or "=" in key:
+            raise ParamError(f"parameter env name {key!r} is empty or holds '='")
         if value is None:
             env.pop(key, None)
         elif not isinstance(value, str):
             raise ParamError(f"parameter env[{key!r}] = {value!r} must be a string or null")
         else:
-            env[key] = check_text(f"env[{key!r}]", value)
+            env[key] = text("env", value, True)
     env.pop(TOKEN_ENV, None)
-    return argv, cwd, env, _stdin(params), timeout_param(params)
-
-
-def _stdin(params: dict[str, Any]) -> bytes | None:
-    """The command's input: ``stdin`` (text, sent as UTF-8) or ``stdin_b64`` (bytes, base64)."""
-    text = param(params, "stdin", str)
-    encoded = param(params, "stdin_b64", str)
-    if text is not None and encoded is not None:
-        raise ParamError("parameters stdin and stdin_b64 were both given; send one of them")
-    if encoded is None:
-        return None if text is None else text.encode("utf-8")
-    import base64
-    import binascii
-
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except binascii.Error as exc:
-        raise ParamError(f"parameter stdin_b64 is not valid base64: {exc}") from None
+    if "stdin" in params and "stdin_b64" in params:
+        raise ParamError("parameters stdin and stdin_b64 exclude each other")
+    stdin = param(params, "stdin", str, default="").encode()  # text, or bytes as stdin_b64
+    stdin = b64("stdin_b64", param(params, "stdin_b64", str, default="")) or stdin or None
+    return argv, cwd, env, stdin, timeout_param(params)
 
 
 def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: bytes | None,

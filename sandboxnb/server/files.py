@@ -1,10 +1,5 @@
 """``write_file`` and ``read_file``: whole regular files as base64, within the file size limit.
-
-Both run on the connection's reader thread, so neither may block: files are opened with
-``O_NONBLOCK`` (a FIFO with no peer cannot hold the open) and anything that ``fstat`` does not
-call a regular file (a FIFO, socket, device or directory) is refused before a byte moves.
-Symlinks are followed: the whole file system is the sandbox's own.
-"""
+Anything else (FIFO, socket, device, directory) is refused at once: nothing may block."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import os
 import stat
 
 from . import wire as P
-from .params import ParamError, mode_param, param, path_param
+from .params import ParamError, b64, param, resolve
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,37 +16,20 @@ if TYPE_CHECKING:
 
     from .connection import Connection
 
-_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
-
-
-class NotRegular(OSError):
-    """The path names something other than a regular file."""
-
-    def __init__(self, op: str, path: str, st_mode: int) -> None:
-        kind = next((name for test, name in _KINDS if test(st_mode)), "special file")
-        super().__init__(errno.EISDIR if kind == "directory" else errno.EINVAL,
-                         f"{op} {path!r}: not a regular file (it is a {kind}); only regular "
-                         "files can be read or written")
-
 
 def write_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
-    import base64
-    import binascii
-
     server = conn.server
-    path = path_param(params, server.workdir)
+    path = resolve(server.workdir, param(params, "path", str, required=True))
     encoded = param(params, "data", str, default="")
-    mode = mode_param(params)
+    mode = param(params, "mode", int)
+    if mode is not None and not 0 <= mode <= 0o777:
+        raise ParamError(f"parameter mode = {mode!r} must be 0 to 0o777 (no setuid/setgid/sticky)")
     mkdirs = param(params, "mkdirs", bool, default=True)
     if len(encoded) * 3 // 4 > server.max_file + 3:
         conn.fail(req_id, P.FILE_TOO_LARGE, _too_large("write_file", path, len(encoded) * 3 // 4,
                                                         server.max_file))
         return
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except binascii.Error as exc:
-        raise ParamError(f"parameter data is not valid base64: {exc}") from None
+    data = b64("data", encoded)
     if len(data) > server.max_file:
         conn.fail(req_id, P.FILE_TOO_LARGE,
                   _too_large("write_file", path, len(data), server.max_file))
@@ -59,18 +37,14 @@ def write_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
     try:
         if mkdirs:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd = _open_regular("write_file", path, os.O_WRONLY | os.O_CREAT)
-        try:
-            os.ftruncate(fd, 0)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+        with open(_open(path, os.O_WRONLY | os.O_CREAT), "wb") as fh:
+            os.ftruncate(fh.fileno(), 0)
+            fh.write(data)
             if mode is not None:
-                os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
+                os.fchmod(fh.fileno(), mode)
     except OSError as exc:
-        _file_error(conn, req_id, "write_file", path, exc)
+        conn.fail(req_id, P.FILE_ERROR, f"write_file {path!r}: {exc.strerror or exc}",
+                  {"errno": exc.errno, "path": path})
         return
     conn.reply(req_id, {"path": path, "size": len(data)})
 
@@ -79,19 +53,19 @@ def read_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
     import binascii
 
     server = conn.server
-    path = path_param(params, server.workdir)
+    path = resolve(server.workdir, param(params, "path", str, required=True))
     limit = min(param(params, "max_bytes", int, default=server.max_file), server.max_file)
     try:
-        fd = _open_regular("read_file", path, os.O_RDONLY)
-        with open(fd, "rb") as fh:
-            size = os.fstat(fd).st_size
+        with open(_open(path, os.O_RDONLY), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             if size > limit:
                 conn.fail(req_id, P.FILE_TOO_LARGE, _too_large("read_file", path, size, limit),
                           {"path": path, "size": size, "limit": limit})
                 return
             data = fh.read(limit + 1)
     except OSError as exc:
-        _file_error(conn, req_id, "read_file", path, exc)
+        conn.fail(req_id, P.FILE_ERROR, f"read_file {path!r}: {exc.strerror or exc}",
+                  {"errno": exc.errno, "path": path})
         return
     if len(data) > limit:
         conn.fail(req_id, P.FILE_TOO_LARGE, _too_large("read_file", path, len(data), limit))
@@ -100,33 +74,25 @@ def read_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
                         "size": len(data)})
 
 
-def _open_regular(op: str, path: str, flags: int) -> int:
-    """An fd of the regular file at ``path`` (blocking again), or NotRegular/OSError. Never
-    blocks on a FIFO, never opens a device that is there already, never truncates or otherwise
-    touches what is not a regular file (checked before the open, and on the fd after it)."""
-    try:
-        st_mode = os.stat(path).st_mode
-    except OSError:
-        pass  # missing (write_file creates it) or unreadable: the open says which
-    else:
-        if not stat.S_ISREG(st_mode):
-            raise NotRegular(op, path, st_mode)
+def _regular(st: os.stat_result) -> None:
+    kind = dict(d="directory", p="FIFO", s="socket", c="character device", b="block device")
+    if not stat.S_ISREG(st.st_mode):
+        kind = kind.get(stat.filemode(st.st_mode)[0], "special file")
+        raise OSError(errno.EINVAL, f"not a regular file (it is a {kind})")
+
+
+def _open(path: str, flags: int) -> int:
+    """A regular file's fd (stat before, fstat after; O_NONBLOCK: a FIFO cannot hang it)."""
+    if os.path.exists(path):
+        _regular(os.stat(path))
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o666)
     try:
-        st_mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(st_mode):
-            raise NotRegular(op, path, st_mode)
+        _regular(os.fstat(fd))
         os.set_blocking(fd, True)
-    except BaseException:
+    except OSError:
         os.close(fd)
         raise
     return fd
-
-
-def _file_error(conn: Connection, req_id: Any, op: str, path: str, exc: OSError) -> None:
-    message = exc.strerror if isinstance(exc, NotRegular) else (
-        f"{op} {path!r}: {exc.strerror or exc}")
-    conn.fail(req_id, P.FILE_ERROR, message, {"errno": exc.errno, "path": path})
 
 
 def _too_large(op: str, path: str, size: int, limit: int) -> str:

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 #: Default time between SIGINT and SIGKILL when python code overruns or is cancelled.
 INTERRUPT_GRACE_S = 2.0
-#: Room left in a reply frame for everything but the value or the error (envelope, detail).
-ENVELOPE_BYTES = 1024
 
 
 def run_python(job: Job, params: dict[str, Any], prepare: bool) -> Any:
@@ -59,9 +57,9 @@ def _python_call(worker: PythonWorker, job: Job, mailbox: Any, code: str,
     import _queue
 
     conn, req_id, server = job.conn, job.req_id, job.conn.server
-    budget = server.max_frame - ENVELOPE_BYTES - len(P._dumps(req_id))
+    room = server.max_frame - 1024 - len(P._dumps(req_id))  # the worker cuts its reply to it
     try:
-        os.write(worker.to_worker, P.encode({"id": 1, "code": code, "max_bytes": budget},
+        os.write(worker.to_worker, P.encode({"id": 1, "code": code, "room": room},
                                             server.max_frame))
     except OSError:
         mailbox.put(("died", None))
@@ -109,7 +107,7 @@ def _python_call(worker: PythonWorker, job: Job, mailbox: Any, code: str,
     how = (f"it did not stop within {grace:g}s of SIGINT, so the worker was killed and the "
            "namespace reset") if reset else "interrupted with SIGINT (namespace kept)"
     if timed_out:
-        detail["error"] = reply and _fitted(reply, budget)["error"]
+        detail["error"] = reply and reply.get("error")
         conn.fail(req_id, P.TIMEOUT, f"python code exceeded its timeout of {timeout:g}s; {how}",
                   detail)
     elif cancelled:
@@ -118,30 +116,4 @@ def _python_call(worker: PythonWorker, job: Job, mailbox: Any, code: str,
         conn.fail(req_id, P.NAMESPACE_RESET,
                   "the python worker exited unexpectedly; the namespace was reset", detail)
     else:
-        conn.reply(req_id, _fitted(reply, budget))
-
-
-def _fitted(reply: dict[str, Any], budget: int) -> dict[str, Any]:
-    """The reply's value and error; cut roughly here if the worker (whose control pipe the user's
-    code can write to) sent more than ``budget`` bytes of them, which it never does itself."""
-    result = {"value": reply.get("value"), "error": reply.get("error")}
-    if len(P._dumps(result)) <= budget + ENVELOPE_BYTES // 2:  # the keys, null, quotes
-        return result
-    keep = budget // 4 // 12  # a character takes at most 12 bytes as ASCII-escaped JSON
-    if not isinstance(result["value"], str):
-        result["value"] = None
-    if not isinstance(result["error"], dict):
-        result["error"] = None
-    fields = [("value", result)] + [(k, result["error"]) for k in ("type", "message", "traceback")
-                                    if result["error"] is not None]
-    for key, holder in fields:
-        text = holder.get(key)
-        if not isinstance(text, str):
-            text = None if text is None else repr(type(text))
-        elif len(text) > keep:
-            text = (f"{text[:keep]}\n[... {len(text) - keep} more characters cut: over the "
-                    "frame limit]")
-        holder[key] = text
-    if result["error"] is not None:
-        result["error"] = {k: result["error"].get(k) for k in ("type", "message", "traceback")}
-    return result
+        conn.reply(req_id, {"value": reply.get("value"), "error": reply.get("error")})

@@ -7,8 +7,8 @@ under that path and calls :func:`main`. So tracebacks through the worker name th
 real line numbers, and the user's ``sys.modules`` gains no ``sandboxnb``. It therefore imports
 nothing from its package: stdlib only, Python >= 3.9.
 
-Control pipe, one JSON object per line: ``{"id", "code", "max_bytes"}`` in, ``{"id", "value",
-"error"}`` out, each string of the reply cut to fit ``max_bytes`` as JSON (see :func:`bounded`);
+Control pipe, one JSON object per line: ``{"id", "code", "room"}`` in, ``{"id", "value",
+"error"}`` out (each string cut to ``room`` bytes as JSON);
 the code's stdout and stderr go to the worker's own fds 1 and 2, which the server streams.
 SIGINT interrupts the running code (a ``KeyboardInterrupt`` reported as its error).
 """
@@ -49,12 +49,12 @@ def main(ctl_in: BinaryIO, ctl_out_fd: int, source: str) -> None:
             request = json.loads(line)
             counter += 1
             reply = {"id": request["id"], "value": None, "error": None}
-            budget = request.get("max_bytes")
+            room = request.get("room")
             try:
                 value = run(namespace, request["code"], f"{USER_PREFIX}{counter}>")
-                reply["value"] = bounded(value, budget, "the value")
+                reply["value"] = bounded(value, room, "the value")
             except BaseException as exc:
-                reply["error"] = describe(exc, budget)
+                reply["error"] = describe(exc, room)
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
@@ -86,27 +86,18 @@ def run(namespace: dict[str, Any], code: str, name: str) -> str | None:
     return None
 
 
-def bounded(text: str | None, max_bytes: int | None, what: str) -> str | None:
-    """``text``, or its head and a marker saying how much was cut, so that it takes at most
-    ``max_bytes`` as a JSON string (ASCII-escaped, the way the wire sends it)."""
-    if text is None or max_bytes is None:
+def bounded(text: str | None, room: int | None, what: str) -> str | None:
+    """``text``, cut to at most ``room`` bytes as JSON, with a marker saying how much."""
+    if text is None or room is None or len(json.dumps(text)) <= room:
         return text
-    size = len(json.dumps(text)) - 2
-    if size <= max_bytes:
-        return text
-    keep = len(text)
-    while True:
-        marker = f"\n[... {len(text) - keep} more characters of {what} cut: over the frame limit]"
-        room = max_bytes - len(json.dumps(marker)) + 2
-        if size <= room or not keep:
-            return text[:keep] + marker
-        keep = max(0, min(keep - 1, keep * max(room, 0) // size))  # shrinks every round
-        size = len(json.dumps(text[:keep])) - 2
+    keep, room = len(text), room - 99  # the marker's room
+    while keep and len(json.dumps(text[:keep])) > room:
+        keep = min(keep - 1, keep * room // len(json.dumps(text[:keep])))
+    return f"{text[:keep]}\n[... {len(text) - keep} more characters of {what} cut: frame limit]"
 
 
-def describe(exc: BaseException, max_bytes: int | None = None) -> dict[str, str]:
-    """The error as reported: type, message, and a traceback that starts at the user's code;
-    within ``max_bytes`` (as JSON) in all.
+def describe(exc: BaseException, room: int | None = None) -> dict[str, str]:
+    """The error as reported: type, message, and a traceback that starts at the user's code.
 
     An error raised outside the user's code (say, by ``repr`` of the result) keeps the worker's
     frames, so the report says where it happened; a SyntaxError in the submitted code needs none.
@@ -116,9 +107,9 @@ def describe(exc: BaseException, max_bytes: int | None = None) -> dict[str, str]
         tb = tb.tb_next
     if tb is None and not isinstance(exc, SyntaxError):
         tb = exc.__traceback__
-    part = None if max_bytes is None else max(0, (max_bytes - 1000) // 2)
+    part = room and room // 2 - 500
     return {
-        "type": bounded(type(exc).__name__, None if max_bytes is None else 500, "the type"),
+        "type": type(exc).__name__,
         "message": bounded(str(exc), part, "the message"),
         "traceback": bounded("".join(traceback.format_exception(type(exc), exc, tb)), part,
                              "the traceback"),
