@@ -123,6 +123,58 @@ def _check_timeout(timeout: Any) -> None:
                           f"{P.MAX_TIMEOUT_S:.0f}, or None for no timeout")
 
 
+def _text(field: str, value: Any, *, nul: bool = True) -> str:
+    """``value`` if it is a str the server can take: no lone surrogate (not valid Unicode) and,
+    for paths, arguments and environment strings (``nul``), no NUL character."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{field} = {_shown(value)} ({type(value).__name__}): expected a str")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"{field} = {_shown(value)}: expected valid Unicode text; it holds "
+                              f"a lone surrogate at index {exc.start}") from None
+    if nul and "\0" in value:
+        raise ConfigError(f"{field} = {_shown(value)}: contains a NUL character, which no path, "
+                          "argument or environment string can hold")
+    return value
+
+
+def _env(env: Any) -> dict[str, str | None]:
+    """``env`` checked: names non-empty without '=' or NUL, values str (or None to unset)."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"env = {_shown(env)} ({type(env).__name__}): expected a dict of "
+                          "variable names to str (or None to unset)")
+    for key, value in env.items():
+        _text("env name", key)
+        if not key or "=" in key:
+            raise ConfigError(f"env name {key!r}: expected a non-empty name without '='")
+        if value is not None:
+            if not isinstance(value, str):
+                raise ConfigError(f"env[{key!r}] = {_shown(value)} ({type(value).__name__}): "
+                                  "expected a str, or None to unset")
+            _text(f"env[{key!r}]", value)
+    return env
+
+
+def _mode(mode: Any) -> int:
+    """A ``write_file`` mode: permission bits 0..0o777 (no setuid, setgid or sticky bit)."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        shown = f"0o{mode:o}" if isinstance(mode, int) and not isinstance(mode, bool) and (
+            mode.bit_length() <= 64) else _shown(mode)
+        raise ConfigError(f"mode = {shown}: expected permission bits from 0 to 0o777 (e.g. "
+                          "0o644); setuid, setgid and sticky bits are refused")
+    return mode
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to a readable length."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+
+
 def _tls_context() -> Any:
     """The client's TLS context, built once per CA file version (loading trust stores costs
     ~20 ms a time)."""
@@ -407,28 +459,44 @@ class Sandbox:
         *,
         cwd: str | None = None,
         env: dict[str, str | None] | None = None,
-        stdin: str | bytes | None = None,
+        stdin: str | bytes | bytearray | memoryview | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (a remote deadline, enforced remotely)
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
         """Run a command (argv list, or a string for ``/bin/sh -c``); stream its output.
 
-        ``env`` is merged over the server's environment (None values unset). On ``timeout``
-        the whole process group is killed and the result has ``timed_out=True``.
+        ``env`` is merged over the server's environment (None values unset). ``stdin`` is bytes
+        (sent as they are) or str (sent as UTF-8). On ``timeout`` the whole process group is
+        killed and the result has ``timed_out=True``.
         """
         _check_timeout(timeout)
         if isinstance(cmd, (list, tuple)):
-            cmd = [str(a) for a in cmd]
-        elif not isinstance(cmd, str):
+            if not cmd:
+                raise ConfigError("cmd = []: expected a non-empty list of arguments or a shell "
+                                  "string")
+            cmd = [_text("cmd", str(a)) for a in cmd]
+        elif isinstance(cmd, str):
+            _text("cmd", cmd)
+        else:
             raise ConfigError(f"cmd = {cmd!r}: expected a list of arguments or a shell string")
-        if isinstance(stdin, bytes):
-            stdin = stdin.decode()
+        params: dict[str, Any] = {"cmd": cmd}
+        if cwd is not None:
+            params["cwd"] = _text("cwd", cwd)
+        if env is not None:
+            params["env"] = _env(env)
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            import binascii
+
+            params["stdin_b64"] = binascii.b2a_base64(stdin, newline=False).decode("ascii")
+        elif stdin is not None:
+            if not isinstance(stdin, str):
+                raise ConfigError(f"stdin = {_shown(stdin)} ({type(stdin).__name__}): expected "
+                                  "bytes or str (sent as UTF-8), or None")
+            params["stdin"] = _text("stdin", stdin, nul=False)
+        if timeout is not None:
+            params["timeout"] = timeout
         stdout: list[str] = []
         stderr: list[str] = []
-        params: dict[str, Any] = {"cmd": cmd}
-        for key, value in (("cwd", cwd), ("env", env), ("stdin", stdin), ("timeout", timeout)):
-            if value is not None:
-                params[key] = value
         result = await self._request(
             "exec", params, self._collector(stdout, stderr, on_output), cancel_remote=True
         )
@@ -454,7 +522,7 @@ class Sandbox:
         _check_timeout(timeout)
         stdout: list[str] = []
         stderr: list[str] = []
-        params: dict[str, Any] = {"code": code}
+        params: dict[str, Any] = {"code": _text("code", code, nul=False)}
         if timeout is not None:
             params["timeout"] = timeout
         result = await self._request(
@@ -466,12 +534,23 @@ class Sandbox:
             out.raise_for_error()
         return out
 
-    async def write_file(self, path: str, data: bytes | str, mode: int | None = None) -> str:
-        """Write ``data`` to ``path`` in the sandbox (parents created); return the absolute path."""
+    async def write_file(self, path: str, data: bytes | bytearray | memoryview | str,
+                         mode: int | None = None) -> str:
+        """Write ``data`` (bytes, or str written as UTF-8) to the regular file ``path`` in the
+        sandbox (parents created), with permission bits ``mode`` (0..0o777) if given; return the
+        absolute path."""
         import binascii
 
+        _text("path", path)
+        if mode is not None:
+            _mode(mode)
         if isinstance(data, str):
-            data = data.encode()
+            data = _text("data", data, nul=False).encode()
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"data = {_shown(data)} ({type(data).__name__}): expected bytes "
+                              "or str")
+        view = memoryview(data)
+        data = view.cast("B") if view.c_contiguous else view.tobytes()
         limit = self.info.get("max_file_bytes", P.MAX_FILE_BYTES)
         if len(data) > limit:
             raise RemoteError(
@@ -488,9 +567,10 @@ class Sandbox:
         return result["path"]
 
     async def read_file(self, path: str) -> bytes:
-        """Read a file from the sandbox."""
+        """Read a regular file from the sandbox (a FIFO, device or directory is refused)."""
         import binascii
 
+        _text("path", path)
         result = await self._request("read_file", {"path": path})
         return binascii.a2b_base64(result["data"])
 

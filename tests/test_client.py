@@ -17,6 +17,7 @@ from sandboxnb.bundle import bundle_path
 from sandboxnb.client import ExecResult, PythonResult, connect
 from sandboxnb.errors import (
     AuthenticationError,
+    ConfigError,
     ConnectionLost,
     RemoteError,
     RemotePythonError,
@@ -265,3 +266,67 @@ async def test_captured_output_is_bounded_and_the_callback_sees_everything():
         assert f"{160 * 65536 - 100_000} more characters of stdout cut" in marker
         small = await sb.exec("echo hi")  # below the cap: untouched
         assert small.stdout == "hi\n"
+
+
+async def test_bad_arguments_are_refused_before_sending(server):
+    """Each bad argument raises ConfigError naming the argument, what was given and what is
+    accepted, before anything is sent; the connection stays in step."""
+    url, work, _ = server
+    async with await connect(url, TOKEN) as sb:
+        cases = [
+            (sb.exec(["echo", "a\0b"]), "cmd", "NUL"),
+            (sb.exec("echo a\0b"), "cmd", "NUL"),
+            (sb.exec([]), "cmd", "non-empty"),
+            (sb.exec("true", cwd="a\0b"), "cwd", "NUL"),
+            (sb.exec("true", cwd=5), "cwd", "str"),
+            (sb.exec("true", env={"X": "a\0b"}), "env", "NUL"),
+            (sb.exec("true", env={"X\0": "b"}), "env", "NUL"),
+            (sb.exec("true", env={"": "x"}), "env", "non-empty"),
+            (sb.exec("true", env={"A=B": "x"}), "env", "'='"),
+            (sb.exec("true", env={"X": 5}), "env", "str"),
+            (sb.exec("true", env=["X"]), "env", "dict"),
+            (sb.exec("true", stdin="\ud800"), "stdin", "surrogate"),
+            (sb.exec("true", stdin=5), "stdin", "bytes"),
+            (sb.write_file("f", 5), "data", "bytes or str"),
+            (sb.write_file("f", b"x", mode=2**40), "mode", "0o777"),
+            (sb.write_file("f", b"x", mode=-1), "mode", "0o777"),
+            (sb.write_file("f", b"x", mode=0o7777), "mode", "setuid"),
+            (sb.write_file("f", b"x", mode=0o4755), "mode", "setuid"),
+            (sb.write_file("f", b"x", mode=True), "mode", "0o777"),
+            (sb.write_file("a\0b", b"x"), "path", "NUL"),
+            (sb.read_file("\ud800"), "path", "surrogate"),
+            (sb.read_file(5), "path", "str"),
+            (sb.python(5), "code", "str"),
+        ]
+        for call, name, accepted in cases:
+            with pytest.raises(ConfigError) as info:
+                await call
+            message = str(info.value)
+            assert message.startswith(name) and accepted in message, message
+        assert not (work / "f").exists()
+        assert await sb.ping() < 5
+
+
+async def test_binary_stdin_and_memoryview_data_round_trip(server):
+    url, work, _ = server
+    payload = bytes(range(256)) * 4
+    async with await connect(url, TOKEN) as sb:
+        r = await sb.exec(["sh", "-c", "cat > got.bin"], stdin=payload)
+        assert r.ok and (work / "got.bin").read_bytes() == payload
+        r = await sb.exec(["sh", "-c", "cat > got2.bin"], stdin=bytearray(b"\xff\x00"))
+        assert r.ok and (work / "got2.bin").read_bytes() == b"\xff\x00"
+        await sb.write_file("mv.bin", memoryview(payload), mode=0o640)
+        assert (work / "mv.bin").read_bytes() == payload
+        assert (work / "mv.bin").stat().st_mode & 0o7777 == 0o640
+        assert await sb.read_file("mv.bin") == payload
+
+
+async def test_fifo_is_refused_and_the_connection_stays_in_step(server):
+    url, _, _ = server
+    async with await connect(url, TOKEN, heartbeat_s=0.5) as sb:
+        await sb.exec(["mkfifo", "pipe"])
+        for call in (sb.read_file("pipe"), sb.write_file("pipe", b"x")):
+            with pytest.raises(RemoteError) as info:
+                await asyncio.wait_for(call, 30)
+            assert info.value.code == P.FILE_ERROR and "FIFO" in info.value.message
+        assert (await sb.exec("echo ok")).stdout == "ok\n"

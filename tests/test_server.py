@@ -410,3 +410,128 @@ def test_listen_fd_serves_an_inherited_socket(tmp_path):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_non_regular_files_are_refused_at_once(server):
+    """A FIFO (with or without a peer), a socket, a device or a directory is refused with a
+    file error naming what it is; nothing blocks, and the connection keeps answering."""
+    work = server.workdir
+    os.mkfifo(work / "fifo")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(work / "sock"))
+    (work / "dir").mkdir()
+    conn = server.client()
+    import base64
+
+    data = base64.b64encode(b"x").decode()
+    try:
+        for method, path, kind in (
+                ("read_file", "fifo", "FIFO"), ("write_file", "fifo", "FIFO"),
+                ("read_file", "sock", "socket"), ("write_file", "sock", "socket"),
+                ("read_file", "/dev/zero", "character device"),
+                ("write_file", "/dev/null", "character device"), ("read_file", "dir", "directory")):
+            params = {"path": path, "data": data} if method == "write_file" else {"path": path}
+            error = conn.call(method, **params)["error"]
+            assert error["code"] == P.FILE_ERROR, (method, path, error)
+            assert "not a regular file" in error["message"] and kind in error["message"], error
+        # a FIFO that has a reader (write) or a writer (read) is refused too, not used
+        peer = os.open(work / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+        writer = os.open(work / "fifo", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            for method in ("read_file", "write_file"):
+                params = {"path": "fifo", "data": data} if method == "write_file" else {
+                    "path": "fifo"}
+                assert conn.call(method, **params)["error"]["code"] == P.FILE_ERROR
+            with pytest.raises(BlockingIOError):
+                os.read(peer, 10)  # nothing was written into the FIFO
+        finally:
+            os.close(writer)
+            os.close(peer)
+        assert "result" in conn.call("ping")
+        assert (work / "fifo").is_fifo()
+    finally:
+        unix.close()
+        conn.close()
+
+
+def test_bad_params_answer_invalid_params_naming_the_field(server):
+    conn = server.client()
+    cases = [
+        ("exec", {"cmd": ["echo", "a\0b"]}, "cmd"),
+        ("exec", {"cmd": "echo a\0b"}, "cmd"),
+        ("exec", {"cmd": "true", "cwd": "a\0b"}, "cwd"),
+        ("exec", {"cmd": "true", "env": {"X": "a\0b"}}, "env"),
+        ("exec", {"cmd": "true", "env": {"X\0": "b"}}, "env"),
+        ("exec", {"cmd": "true", "env": {"": "x"}}, "env"),
+        ("exec", {"cmd": "true", "env": {"A=B": "x"}}, "env"),
+        ("exec", {"cmd": "true", "stdin": "\ud800"}, "stdin"),
+        ("exec", {"cmd": "true", "stdin_b64": "!!"}, "stdin_b64"),
+        ("exec", {"cmd": "true", "stdin": "a", "stdin_b64": "YQ=="}, "stdin"),
+        ("exec", {"cmd": ["echo", "\ud800"]}, "cmd"),
+        ("write_file", {"path": "f", "mode": 2**40}, "mode"),
+        ("write_file", {"path": "f", "mode": -1}, "mode"),
+        ("write_file", {"path": "f", "mode": 0o7777}, "mode"),
+        ("write_file", {"path": "f", "mode": 0o4755}, "mode"),
+        ("write_file", {"path": "a\0b"}, "path"),
+        ("read_file", {"path": "\ud800"}, "path"),
+        ("read_file", {"path": "a\0b"}, "path"),
+        ("cancel", {"id": [1]}, "id"),
+        ("cancel", {"id": {"a": 1}}, "id"),
+    ]
+    try:
+        for method, params, name in cases:
+            error = conn.call(method, **params)["error"]
+            assert error["code"] == P.INVALID_PARAMS, (method, params, error)
+            assert name in error["message"], (method, params, error)
+        assert not (server.workdir / "f").exists()
+        assert "result" in conn.call("ping")
+    finally:
+        conn.close()
+
+
+def test_exec_binary_stdin(server):
+    import base64
+
+    payload = bytes(range(256)) * 4
+    conn = server.client()
+    try:
+        reply = conn.call("exec", cmd=["sh", "-c", "cat > got.bin"],
+                          stdin_b64=base64.b64encode(payload).decode())
+        assert reply["result"]["exit_code"] == 0
+        assert (server.workdir / "got.bin").read_bytes() == payload
+    finally:
+        conn.close()
+
+
+def test_python_values_and_errors_over_the_frame_limit_are_cut(tmp_path):
+    """A value (or an error) whose frame would exceed the limit comes back cut, with a marker
+    saying how much was cut; the call succeeds and the connection stays in step."""
+    limit = 200_000
+    srv = Server(tmp_path, "--max-frame-bytes", str(limit))
+    try:
+        conn = srv.client()
+        for code, kept in (("'x' * 1_000_000", "x"), ("'\\U0001F600' * 1_000_000", "\U0001F600"),
+                           ("'\\u00e9\\n' * 600_000", "\u00e9\\n")):
+            reply = conn.call("python", code=code)
+            assert "result" in reply, reply.get("error")
+            value = reply["result"]["value"]
+            assert value.startswith("'" + kept * 100) and "characters of the value cut" in value
+            assert len(json.dumps(reply)) < limit
+        reply = conn.call("python", code="raise ValueError('y' * 1_000_000)")
+        error = reply["result"]["error"]
+        assert error["type"] == "ValueError" and error["message"].startswith("y" * 1000)
+        assert "cut" in error["message"] and "cut" in error["traceback"]
+        assert len(json.dumps(reply)) < limit
+        assert conn.call("python", code="21 * 2")["result"]["value"] == "42"
+        # user code can write to the worker's control pipe: a forged oversized reply is refused
+        # with an error for that request, and the connection stays in step
+        forged = ("import json, os, sys\n"
+                  "reply = {'id': 1, 'value': 'z' * 1_000_000, 'error': None}\n"
+                  "os.write(int(sys.argv[2]), (json.dumps(reply) + '\\n').encode())\n"
+                  "os._exit(0)")
+        reply = conn.call("python", code=forged)
+        assert reply["error"]["code"] == P.FRAME_TOO_LARGE
+        assert "result" in conn.call("ping")
+        conn.close()
+    finally:
+        srv.stop()

@@ -13,7 +13,7 @@ import time
 from . import wire as P
 from .jobs import GROUPS_LOCK, exited, forget_group, signal_group
 from .options import TOKEN_ENV
-from .params import ParamError, param, resolve, timeout_param
+from .params import ParamError, b64, param, resolve, text, timeout_param
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,26 +40,31 @@ def _prepare(server: Any, params: dict[str, Any]) -> tuple[Any, ...]:
         if not cmd or not all(isinstance(a, str) for a in cmd):
             raise ParamError(f"parameter cmd = {cmd!r} must be a non-empty list of strings "
                              "or a shell command string")
-        argv = cmd
+        argv = [text("cmd", a, True) for a in cmd]
     else:
-        argv = ["/bin/sh", "-c", cmd]
-    cwd = resolve(server.workdir, param(params, "cwd", str, default=server.workdir))
+        argv = ["/bin/sh", "-c", text("cmd", cmd, True)]
+    cwd = resolve(server.workdir, param(params, "cwd", str, default=server.workdir), "cwd")
     if not os.path.isdir(cwd):
         raise ParamError(f"parameter cwd = {cwd!r} is not a directory")
     env = dict(server.child_env)
     for key, value in (param(params, "env", dict, default={})).items():
+        if not text("env", key, True) or "=" in key:
+            raise ParamError(f"parameter env name {key!r} is empty or holds '='")
         if value is None:
             env.pop(key, None)
         elif not isinstance(value, str):
             raise ParamError(f"parameter env[{key!r}] = {value!r} must be a string or null")
         else:
-            env[key] = value
+            env[key] = text("env", value, True)
     env.pop(TOKEN_ENV, None)
-    stdin = param(params, "stdin", str)
+    if "stdin" in params and "stdin_b64" in params:
+        raise ParamError("parameters stdin and stdin_b64 exclude each other")
+    stdin = param(params, "stdin", str, default="").encode()  # text, or bytes as stdin_b64
+    stdin = b64("stdin_b64", param(params, "stdin_b64", str, default="")) or stdin or None
     return argv, cwd, env, stdin, timeout_param(params)
 
 
-def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: str | None,
+def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: bytes | None,
           timeout: float | None) -> None:
     import _signal
     import codecs
@@ -163,9 +168,9 @@ def _exec(job: Job, argv: list[str], cwd: str, env: dict[str, str], stdin: str |
                         "duration_s": time.monotonic() - started})
 
 
-def _feed_stdin(pipe: Any, text: str) -> None:
+def _feed_stdin(pipe: Any, data: bytes) -> None:
     try:
-        pipe.write(text.encode())
+        pipe.write(data)
     except OSError:
         pass
     finally:

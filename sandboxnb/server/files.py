@@ -1,11 +1,14 @@
-"""``write_file`` and ``read_file``: whole files as base64, within the file size limit."""
+"""``write_file`` and ``read_file``: whole regular files as base64, within the file size limit.
+Anything else (FIFO, socket, device, directory) is refused at once: nothing may block."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from . import wire as P
-from .params import ParamError, param, resolve
+from .params import ParamError, b64, param, resolve
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -15,22 +18,18 @@ if TYPE_CHECKING:
 
 
 def write_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
-    import base64
-    import binascii
-
     server = conn.server
     path = resolve(server.workdir, param(params, "path", str, required=True))
     encoded = param(params, "data", str, default="")
     mode = param(params, "mode", int)
+    if mode is not None and not 0 <= mode <= 0o777:
+        raise ParamError(f"parameter mode = {mode!r} must be 0 to 0o777 (no setuid/setgid/sticky)")
     mkdirs = param(params, "mkdirs", bool, default=True)
     if len(encoded) * 3 // 4 > server.max_file + 3:
         conn.fail(req_id, P.FILE_TOO_LARGE, _too_large("write_file", path, len(encoded) * 3 // 4,
                                                         server.max_file))
         return
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except binascii.Error as exc:
-        raise ParamError(f"parameter data is not valid base64: {exc}") from None
+    data = b64("data", encoded)
     if len(data) > server.max_file:
         conn.fail(req_id, P.FILE_TOO_LARGE,
                   _too_large("write_file", path, len(data), server.max_file))
@@ -38,10 +37,11 @@ def write_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
     try:
         if mkdirs:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "wb") as fh:
+        with open(_open(path, os.O_WRONLY | os.O_CREAT), "wb") as fh:
+            os.ftruncate(fh.fileno(), 0)
             fh.write(data)
-        if mode is not None:
-            os.chmod(path, mode)
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
     except OSError as exc:
         conn.fail(req_id, P.FILE_ERROR, f"write_file {path!r}: {exc.strerror or exc}",
                   {"errno": exc.errno, "path": path})
@@ -56,7 +56,7 @@ def read_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
     path = resolve(server.workdir, param(params, "path", str, required=True))
     limit = min(param(params, "max_bytes", int, default=server.max_file), server.max_file)
     try:
-        with open(path, "rb") as fh:
+        with open(_open(path, os.O_RDONLY), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > limit:
                 conn.fail(req_id, P.FILE_TOO_LARGE, _too_large("read_file", path, size, limit),
@@ -72,6 +72,27 @@ def read_file(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
         return
     conn.reply(req_id, {"data": binascii.b2a_base64(data, newline=False).decode("ascii"),
                         "size": len(data)})
+
+
+def _regular(st: os.stat_result) -> None:
+    kind = dict(d="directory", p="FIFO", s="socket", c="character device", b="block device")
+    if not stat.S_ISREG(st.st_mode):
+        kind = kind.get(stat.filemode(st.st_mode)[0], "special file")
+        raise OSError(errno.EINVAL, f"not a regular file (it is a {kind})")
+
+
+def _open(path: str, flags: int) -> int:
+    """A regular file's fd (stat before, fstat after; O_NONBLOCK: a FIFO cannot hang it)."""
+    if os.path.exists(path):
+        _regular(os.stat(path))
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o666)
+    try:
+        _regular(os.fstat(fd))
+        os.set_blocking(fd, True)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _too_large(op: str, path: str, size: int, limit: int) -> str:

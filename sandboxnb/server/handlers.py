@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import wire as P
 from .jobs import start_job
 from .log import log
+from .params import param
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ def handle_shutdown(conn: Connection, req_id: Any, params: dict[str, Any]) -> No
 
 
 def handle_cancel(conn: Connection, req_id: Any, params: dict[str, Any]) -> None:
-    target = params.get("id")
-    job = conn.jobs.get(target)
+    job = conn.jobs.get(param(params, "id", (int, str), required=True))
     if job is not None:
         job.cancel()
     conn.reply(req_id, {"cancelled": job is not None})

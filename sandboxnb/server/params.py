@@ -26,7 +26,25 @@ def param(params: dict[str, Any], name: str, types: Any, default: Any = None,
     accepted = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
         raise ParamError(f"parameter {name} = {value!r} has the wrong type")
+    return text(name, value) if isinstance(value, str) else value
+
+
+def text(name: str, value: str, nul: bool = False) -> str:
+    """``value`` unless it holds a lone surrogate or (``nul``) a NUL: no OS string can."""
+    if (not value.isascii() and value.encode(errors="replace").decode() != value) or (
+            nul and "\0" in value):
+        raise ParamError(f"parameter {name} holds a NUL or a lone surrogate")
     return value
+
+
+def b64(name: str, encoded: str) -> bytes:
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise ParamError(f"parameter {name} is not valid base64: {exc}") from None
 
 
 def timeout_param(params: dict[str, Any]) -> float | None:
@@ -38,6 +56,6 @@ def timeout_param(params: dict[str, Any]) -> float | None:
     return timeout
 
 
-def resolve(workdir: str, path: str) -> str:
-    """A request path made absolute: relative paths are relative to the server's workdir."""
-    return os.path.normpath(os.path.join(workdir, os.path.expanduser(path)))
+def resolve(workdir: str, path: str, name: str = "path") -> str:
+    """A request path (parameter ``name``) made absolute: relative to the server's workdir."""
+    return os.path.normpath(os.path.join(workdir, os.path.expanduser(text(name, path, True))))

@@ -57,8 +57,10 @@ def _python_call(worker: PythonWorker, job: Job, mailbox: Any, code: str,
     import _queue
 
     conn, req_id, server = job.conn, job.req_id, job.conn.server
+    room = server.max_frame - 1024 - len(P._dumps(req_id))  # the worker cuts its reply to it
     try:
-        os.write(worker.to_worker, P.encode({"id": 1, "code": code}, server.max_frame))
+        os.write(worker.to_worker, P.encode({"id": 1, "code": code, "room": room},
+                                            server.max_frame))
     except OSError:
         mailbox.put(("died", None))
     now = time.monotonic()

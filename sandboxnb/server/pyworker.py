@@ -7,7 +7,8 @@ under that path and calls :func:`main`. So tracebacks through the worker name th
 real line numbers, and the user's ``sys.modules`` gains no ``sandboxnb``. It therefore imports
 nothing from its package: stdlib only, Python >= 3.9.
 
-Control pipe, one JSON object per line: ``{"id", "code"}`` in, ``{"id", "value", "error"}`` out;
+Control pipe, one JSON object per line: ``{"id", "code", "room"}`` in, ``{"id", "value",
+"error"}`` out (each string cut to ``room`` bytes as JSON);
 the code's stdout and stderr go to the worker's own fds 1 and 2, which the server streams.
 SIGINT interrupts the running code (a ``KeyboardInterrupt`` reported as its error).
 """
@@ -48,10 +49,12 @@ def main(ctl_in: BinaryIO, ctl_out_fd: int, source: str) -> None:
             request = json.loads(line)
             counter += 1
             reply = {"id": request["id"], "value": None, "error": None}
+            room = request.get("room")
             try:
-                reply["value"] = run(namespace, request["code"], f"{USER_PREFIX}{counter}>")
+                value = run(namespace, request["code"], f"{USER_PREFIX}{counter}>")
+                reply["value"] = bounded(value, room, "the value")
             except BaseException as exc:
-                reply["error"] = describe(exc)
+                reply["error"] = describe(exc, room)
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
@@ -83,7 +86,17 @@ def run(namespace: dict[str, Any], code: str, name: str) -> str | None:
     return None
 
 
-def describe(exc: BaseException) -> dict[str, str]:
+def bounded(text: str | None, room: int | None, what: str) -> str | None:
+    """``text``, cut to at most ``room`` bytes as JSON, with a marker saying how much."""
+    if text is None or room is None or len(json.dumps(text)) <= room:
+        return text
+    keep, room = len(text), room - 99  # the marker's room
+    while keep and len(json.dumps(text[:keep])) > room:
+        keep = min(keep - 1, keep * room // len(json.dumps(text[:keep])))
+    return f"{text[:keep]}\n[... {len(text) - keep} more characters of {what} cut: frame limit]"
+
+
+def describe(exc: BaseException, room: int | None = None) -> dict[str, str]:
     """The error as reported: type, message, and a traceback that starts at the user's code.
 
     An error raised outside the user's code (say, by ``repr`` of the result) keeps the worker's
@@ -94,8 +107,10 @@ def describe(exc: BaseException) -> dict[str, str]:
         tb = tb.tb_next
     if tb is None and not isinstance(exc, SyntaxError):
         tb = exc.__traceback__
+    part = room and room // 2 - 500
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+        "message": bounded(str(exc), part, "the message"),
+        "traceback": bounded("".join(traceback.format_exception(type(exc), exc, tb)), part,
+                             "the traceback"),
     }
