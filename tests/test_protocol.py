@@ -81,6 +81,9 @@ def test_bundle_is_deterministic_and_holds_every_server_module():
     }
     assert {"sandboxnb/server/__init__.py", "sandboxnb/server/wire.py"} <= sources
     assert {name for name in names if name.endswith(".py")} == sources
+    assert any(name.endswith(".pyc") for name in names)
+    lean = set(zipfile.ZipFile(io.BytesIO(build_bundle(compiled=False))).namelist())
+    assert lean == sources  # what a command line carries: the sources alone
     path = bundle_path()
     assert "sandboxnb.server" in path.name and path.read_bytes() == data
     assert BUNDLE_NAME.startswith("sandboxnb.server")
