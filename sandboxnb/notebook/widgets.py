@@ -192,6 +192,8 @@ class Monitor(w.VBox):
         self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning")
         self.cancel_button.on_click(self._on_cancel)
         self.status = w.HTML("")
+        self._refresh_lock = threading.Lock()  # refreshes come from the loop and the click
+        self._cancel_requested = False
         super().__init__([
             w.HBox([self.progress, self.counts]), self.mean,
             w.HBox([self.histogram, self.newest]), w.HBox([self.cancel_button, self.status]),
@@ -208,7 +210,10 @@ class Monitor(w.VBox):
 
     def refresh(self) -> None:
         """Redraw every part from the run (safe from any thread)."""
-        snap = self.state.snapshot()
+        with self._refresh_lock:  # a snapshot and its drawing stay together: the last wins
+            self._draw(self.state.snapshot())
+
+    def _draw(self, snap: dict[str, Any]) -> None:
         self.progress.max = max(snap["total"], 1)
         self.progress.value = min(snap["done"], self.progress.max)
         self.counts.value = (f"{snap['done']}/{snap['total']} &nbsp; " + ", ".join(
@@ -220,20 +225,29 @@ class Monitor(w.VBox):
         cols = ("task_id", "status", "reward", "duration_s")
         self.newest.value = table_html(
             cols, ([_fmt(r.get(c)) for c in cols] for r in snap["newest"]))
-        self.status.value = f"status: <b>{escape(snap['status'])}</b>"
-        if snap["finished"]:
+        self.status.value = _status_text(snap, self._cancel_requested)
+        if snap["finished"] or self._cancel_requested:
             self.cancel_button.disabled = True
+        if snap["finished"]:
             self.progress.bar_style = "success" if snap["status"] == "done" else "warning"
 
     def _on_cancel(self, *_: Any) -> None:
-        self.cancel_button.disabled = True
-        self.status.value = "status: <b>cancelling...</b>"
+        self._cancel_requested = True
         self.run.cancel()
+        self.refresh()  # "cancelling..." until the run's end redraws it, or its final state
 
     def close(self) -> None:
         self._unsubscribe()
         self._forget_end()
         super().close()
+
+
+def _status_text(snap: dict[str, Any], cancel_requested: bool) -> str:
+    """One status: the run's final one once it ended, else "cancelling..." after a click."""
+    status = snap["status"]
+    if cancel_requested and not snap["finished"]:
+        status = "cancelling..."
+    return f"status: <b>{escape(status)}</b>"
 
 
 def _fmt(value: Any) -> Any:
