@@ -98,6 +98,8 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
         assert took < 10, f"interrupt took {took:.1f}s"
+        (shown,) = content["traceback"]  # one line, not the library's traceback
+        assert "interrupted: remote work cancelled; the one-shot sandbox was released" in shown
         wait_until(lambda: _kernel_servers(kernel_pid) == servers_before, 5,
                    "the one-shot sandbox to end (it must not survive the interrupt)")
         # 2) a Python cell in the interactive sandbox: the worker stops, the namespace survives
@@ -106,6 +108,8 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         time.sleep(1.5)
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and took < 10
+        assert content["traceback"] == ["\x1b[33minterrupted: remote work cancelled; sandbox sb "
+                                        "intact\x1b[0m"], content["traceback"]
         # 3) a shell cell: the remote process is killed
         marker = "sleep 1000.25"
         msg_id = kc.execute(f"%%sandbox sb --bash\n{marker}")

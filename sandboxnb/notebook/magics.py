@@ -477,6 +477,11 @@ class SandboxMagics(Magics, RuntimeDefaults):
         except RemotePythonError as err:
             streamer.flush()
             raise RemoteCellError(str(err), err.traceback or str(err)) from None
+        except KeyboardInterrupt:
+            streamer.flush()
+            raise Interrupted("interrupted: remote work cancelled; " + (
+                f"sandbox {record.name} intact" if record is not None
+                else "the one-shot sandbox was released")) from None
         if args.output:
             self.shell.user_ns[args.output] = result
         if args.bash:
