@@ -191,6 +191,7 @@ class Monitor(w.VBox):
         self.histogram = w.HTML("")
         self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning")
         self.cancel_button.on_click(self._on_cancel)
+        self.cancel_button.add_class("sandboxnb-cancel")
         self.status = w.HTML("")
         self._refresh_lock = threading.Lock()  # refreshes come from the loop and the click
         self._cancel_requested = False
@@ -198,6 +199,7 @@ class Monitor(w.VBox):
             w.HBox([self.progress, self.counts]), self.mean,
             w.HBox([self.histogram, self.newest]), w.HBox([self.cancel_button, self.status]),
         ])
+        self.add_class("sandboxnb-monitor")
         self._unsubscribe = run.subscribe(self._on_row)
         self._forget_end = run.add_done_callback(self._on_end)
         self.refresh()
