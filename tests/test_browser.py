@@ -232,6 +232,8 @@ _CONTROL_CELLS = [
     # 0: an agent whose rollouts wait 600 s, except HumanEval/0 which answers at once
     "import asyncio\n%load_ext sandboxnb\nfrom sandboxnb.agents import oracle\n"
     "async def slow(sandbox, task):\n"
+    "    with open({marks!r}, 'a') as marks:\n"
+    "        marks.write(task.id + ' ')\n"
     "    if task.id != 'HumanEval/0':\n"
     "        await asyncio.sleep(600)\n"
     "    return await oracle(sandbox, task)",
@@ -248,29 +250,32 @@ _CONTROL_CELLS = [
 ]
 
 
-def _control_notebook(path: Path, **journals: Path) -> None:
+def _control_notebook(path: Path, **paths: str) -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(src.format(**journals)) for src in _CONTROL_CELLS]
+    nb.cells = [nbformat.v4.new_code_cell(src.format(**paths)) for src in _CONTROL_CELLS]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nbformat.write(nb, path)
 
 
 def _open_notebook(page, url: str, PlaywrightTimeout) -> None:
-    for attempt in range(3):  # a loaded machine can fail the first fetch
+    """Open a notebook and wait for its kernel; a loaded machine can fail a fetch ("File Load
+    Error"), so a failed opening is dismissed and tried again."""
+    for attempt in range(3):
         page.goto(url)
         try:
             page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
-            break
+            with contextlib.suppress(PlaywrightTimeout):  # "Select Kernel" on first open
+                page.locator(".jp-Dialog button", has_text="Select").first.click(
+                    timeout=15_000)
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+                timeout=90_000)
+            return
         except PlaywrightTimeout:
             if attempt == 2:
                 raise
-    with contextlib.suppress(PlaywrightTimeout):  # "Select Kernel" shows on first open
-        page.locator(".jp-Dialog button", has_text="Select").first.click(timeout=15_000)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
-        timeout=90_000)
 
 
 def _menu(page, menu: str, item: str) -> None:
@@ -289,7 +294,9 @@ def test_cancel_and_interrupt_a_blocking_run_from_jupyterlab(jupyterlab, tmp_pat
 
     base, server = jupyterlab
     j1, j2 = tmp_path / "cancelled.jsonl", tmp_path / "interrupted.jsonl"
-    _control_notebook(tmp_path / "work" / "control.ipynb", j1=j1, j2=j2)
+    marks = tmp_path / "marks"  # the agent notes each rollout it starts
+    _control_notebook(tmp_path / "work" / "control.ipynb", j1=str(j1), j2=str(j2),
+                      marks=str(marks))
     keep = ROOT / "test-output" / "browser"
     keep.mkdir(parents=True, exist_ok=True)
     _set_subreaper(True)
@@ -302,7 +309,8 @@ def test_cancel_and_interrupt_a_blocking_run_from_jupyterlab(jupyterlab, tmp_pat
             page = context.new_page()
             page.set_default_timeout(60_000)
             try:
-                timings = _cancel_then_interrupt(page, base, keep, expect, PlaywrightTimeout)
+                timings = _cancel_then_interrupt(page, base, keep, marks, expect,
+                                                 PlaywrightTimeout)
             except BaseException:
                 with contextlib.suppress(Exception):
                     page.screenshot(path=str(keep / "control-failure.png"), full_page=True)
@@ -317,7 +325,13 @@ def test_cancel_and_interrupt_a_blocking_run_from_jupyterlab(jupyterlab, tmp_pat
     assert not alive(sandbox_server_pids()) & descendants(server.pid)
 
 
-def _cancel_then_interrupt(page, base, keep, expect, PlaywrightTimeout) -> dict[str, float]:
+def _started(marks: Path, count: int) -> None:
+    wait_until(lambda: marks.exists() and len(marks.read_text().split()) >= count, 60,
+               f"{count} rollouts to reach the agent")
+
+
+def _cancel_then_interrupt(page, base, keep, marks, expect,
+                           PlaywrightTimeout) -> dict[str, float]:
     timings: dict[str, float] = {}
     _open_notebook(page, f"{base}/lab/tree/control.ipynb", PlaywrightTimeout)
     _menu(page, "Run", "Run All Cells")
@@ -327,6 +341,7 @@ def _cancel_then_interrupt(page, base, keep, expect, PlaywrightTimeout) -> dict[
     monitor = cells.nth(1).locator(".sandboxnb-monitor")
     expect(monitor).to_contain_text("ok: 1", timeout=120_000)  # >= 1 row done: the run is on
     expect(cells.nth(1)).to_contain_text("journal: ")  # printed when the run starts
+    _started(marks, 3)  # HumanEval/0 done, 1 and 2 in flight
     began = time.monotonic()
     monitor.locator(".sandboxnb-cancel").click()
     expect(monitor).to_contain_text("status: cancelled", timeout=30_000)
@@ -343,6 +358,7 @@ def _cancel_then_interrupt(page, base, keep, expect, PlaywrightTimeout) -> dict[
     # 2) Kernel > Interrupt during the next run
     monitor2 = cells.nth(3).locator(".sandboxnb-monitor")
     expect(monitor2).to_contain_text("ok: 1", timeout=120_000)
+    _started(marks, 6)
     began = time.monotonic()
     _menu(page, "Kernel", "Interrupt Kernel")
     expect(cells.nth(3)).to_contain_text("interrupted: 1/40 rollouts finished (2 cancelled); "
