@@ -26,6 +26,7 @@ _EXPORTS = {
     "start": "sandboxnb.scheduler",
     "load": "sandboxnb.results",
     "Results": "sandboxnb.results",
+    "compare": "sandboxnb.compare",
     "launch": "sandboxnb.interactive",
     "attach": "sandboxnb.interactive",
     "connect": "sandboxnb.client",

@@ -109,6 +109,8 @@ def _parse_url(url: str) -> tuple[str, str, int | None]:
 
 #: Default cap of each captured output stream of one call (16 Mi characters).
 DEFAULT_MAX_OUTPUT_CHARS = 16 * 1024 * 1024
+#: How much of the newest exec/python output a sandbox remembers (:attr:`Sandbox.output_tail`).
+OUTPUT_TAIL_CHARS = 2048
 
 
 def _check_timeout(timeout: Any) -> None:
@@ -221,6 +223,8 @@ class Sandbox:
         #: How much of each output stream ``exec``/``python`` results keep (streaming callbacks
         #: see everything); set it per sandbox.
         self.max_output_chars = DEFAULT_MAX_OUTPUT_CHARS
+        self._tail: list[str] = []  # the newest output of exec/python, both streams (bounded)
+        self._tail_chars = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._listeners: dict[int, Callable[[str, str], None]] = {}
@@ -255,6 +259,18 @@ class Sandbox:
     def closed(self) -> bool:
         """True once closed by us or lost."""
         return self._closed or self._lost is not None
+
+    @property
+    def output_tail(self) -> str:
+        """The last :data:`OUTPUT_TAIL_CHARS` characters of output ``exec``/``python`` streamed
+        (stdout and stderr as they arrived): what a failed rollout's row shows."""
+        return "".join(self._tail)[-OUTPUT_TAIL_CHARS:]
+
+    def _remember_output(self, data: str) -> None:
+        self._tail.append(data[-OUTPUT_TAIL_CHARS:])
+        self._tail_chars += len(self._tail[-1])
+        while self._tail_chars - len(self._tail[0]) >= OUTPUT_TAIL_CHARS:
+            self._tail_chars -= len(self._tail.pop(0))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("lost" if self._lost else "open")
@@ -523,6 +539,7 @@ class Sandbox:
         cut = {"stdout": 0, "stderr": 0}
 
         def collect(stream: str, data: str) -> None:
+            self._remember_output(data)
             name = "stderr" if stream == "stderr" else "stdout"
             parts = stderr if name == "stderr" else stdout
             room = limit - kept[name]

@@ -29,6 +29,7 @@ from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
 from sandboxnb.journal import read_entries
 from sandboxnb.options import parse_count
 from sandboxnb.providers import Provider, get_provider
+from sandboxnb.results import latest_rows
 from sandboxnb.tasks import Task, Taskset
 
 __all__ = [
@@ -107,9 +108,9 @@ def expand(
 
 
 def resumable_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of a journal a resumed run keeps: every finished rollout (ok, error, timeout);
-    cancelled rollouts are run again."""
-    return [row for row in rows if row.get("status") != "cancelled"]
+    """The rows of a journal a resumed run keeps: the latest row of every finished rollout (ok,
+    error, timeout; see :func:`~sandboxnb.results.latest_rows`); cancelled rollouts run again."""
+    return [row for row in latest_rows(rows) if row.get("status") != "cancelled"]
 
 
 def make_plan(

@@ -19,7 +19,17 @@ from sandboxnb.journal import STATUSES, encode_row, read_entries
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COLUMNS", "STATUSES", "Results", "load", "rows_to_frame", "write_rows"]
+__all__ = [
+    "COLUMNS",
+    "FAILED",
+    "FAILURE_COLUMNS",
+    "STATUSES",
+    "Results",
+    "latest_rows",
+    "load",
+    "rows_to_frame",
+    "write_rows",
+]
 
 COLUMNS = [
     "run_id",
@@ -30,6 +40,10 @@ COLUMNS = [
     "status",
     "reward",
     "error",
+    "error_type",
+    "phase",
+    "traceback",
+    "output_tail",
     "started_at",
     "acquire_s",
     "rollout_s",
@@ -42,7 +56,22 @@ COLUMNS = [
     "answer",
     "info",
 ]
-_CATEGORICAL = ["provider", "status", "image", "gpu"]
+_CATEGORICAL = ["provider", "status", "image", "gpu", "phase"]
+#: the statuses of a rollout that finished without a grade (they count 0 in :meth:`Results.score`)
+FAILED = ("error", "timeout")
+#: what :meth:`Results.errors` shows of each failed rollout
+FAILURE_COLUMNS = ["task_id", "repeat", "status", "phase", "error_type", "error", "traceback",
+                   "output_tail", "duration_s", "sandbox_id"]
+
+
+def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per rollout, ``(task_id, repeat)``: the latest one (a retried rollout's new row
+    replaces the old), in the order the kept rows finished."""
+    latest: dict[tuple[Any, Any], int] = {}
+    rows = list(rows)
+    for index, row in enumerate(rows):
+        latest[(row.get("task_id"), row.get("repeat"))] = index
+    return [rows[i] for i in sorted(latest.values())]
 
 
 def is_reward(value: Any) -> bool:
@@ -110,20 +139,48 @@ class Results:
         return [float(r["reward"]) for r in list(self._rows) if is_reward(r.get("reward"))]
 
     def mean_reward(self) -> float:
-        """Mean reward over graded rows (NaN if none)."""
+        """Mean reward over graded rows (NaN if none); see :meth:`score` for the mean over every
+        finished rollout."""
         rewards = self.rewards()
         return sum(rewards) / len(rewards) if rewards else math.nan
+
+    def score(self) -> tuple[float, int]:
+        """``(mean, n)``: the mean reward over the ``n`` finished rollouts, where an error or a
+        timeout counts 0 (cancelled rollouts are left out: they did not finish). NaN if none."""
+        finished = [r for r in list(self._rows) if r.get("status") in ("ok", *FAILED)]
+        total = sum(float(r["reward"]) for r in finished if is_reward(r.get("reward")))
+        return (total / len(finished) if finished else math.nan), len(finished)
+
+    def failed(self) -> list[dict[str, Any]]:
+        """The rows of failed rollouts (error, timeout), in row order."""
+        return [r for r in list(self._rows) if r.get("status") in FAILED]
+
+    def errors(self) -> pd.DataFrame:
+        """The failed rollouts (error, timeout) as a DataFrame: :data:`FAILURE_COLUMNS`."""
+        return rows_to_frame(self.failed())[FAILURE_COLUMNS].reset_index(drop=True)
 
     def newest(self, n: int = 5) -> list[dict[str, Any]]:
         """The ``n`` most recently finished rows, newest first."""
         return list(self._rows[-n:])[::-1] if n > 0 else []
 
     def summary(self) -> str:
-        """One line: rows of total, rows by status, mean reward."""
+        """One line: rows of total, rows by status, the mean reward over finished rollouts
+        (errors and timeouts count 0) and, when some failed, over graded ones."""
         counts = ", ".join(f"{k} {v}" for k, v in self.counts().items()) or "no rows"
-        mean = self.mean_reward()
-        mean_s = "-" if math.isnan(mean) else f"{mean:.3f}"
-        return f"{len(self._rows)}/{self.total} rollouts ({counts}); mean reward {mean_s}"
+        return f"{len(self._rows)}/{self.total} rollouts ({counts}); {self.reward_text()}"
+
+    def reward_text(self) -> str:
+        """``mean reward 0.700 over 164 rollouts (errors and timeouts count 0; 0.764 over 150
+        graded)``; the part in brackets only when some rollouts failed."""
+        score, finished = self.score()
+        if not finished:
+            return "mean reward -"
+        text = f"mean reward {score:.3f} over {finished} rollouts"
+        graded = self.rewards()
+        if len(graded) < finished:
+            mean = f"{sum(graded) / len(graded):.3f}" if graded else "-"
+            text += f" (errors and timeouts count 0; {mean} over {len(graded)} graded)"
+        return text
 
     # -- export ----------------------------------------------------------------------------
     def to_pandas(self) -> pd.DataFrame:
@@ -139,11 +196,12 @@ class Results:
 
 
 def load(journal: str | Path) -> Results:
-    """Read a journal back into :class:`Results` (a torn last line is skipped; ``header`` says
-    what the run was). A line that is not a header or a well-typed row raises
+    """Read a journal back into :class:`Results`: one row per rollout, the latest (a retried
+    rollout's new row replaces the old); a torn last line is skipped; ``header`` says what the
+    run was. A line that is not a header or a well-typed row raises
     :class:`~sandboxnb.errors.ConfigError` naming it."""
     header, rows = read_entries(journal)
-    return Results(rows, name=Path(journal).stem, header=header)
+    return Results(latest_rows(rows), name=Path(journal).stem, header=header)
 
 
 def rows_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

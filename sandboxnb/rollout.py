@@ -11,6 +11,7 @@ from typing import Any
 
 from sandboxnb.agents import _REPEAT, Agent, current_repeat
 from sandboxnb.config import RuntimeConfig
+from sandboxnb.failure import one_line, user_traceback
 from sandboxnb.providers.base import Provider
 from sandboxnb.results import STATUSES
 from sandboxnb.tasks import Task
@@ -31,6 +32,10 @@ def _new_row(run_id: str, provider: Provider, task: Task, repeat: int, config: R
         "status": "error",
         "reward": math.nan,
         "error": None,
+        "error_type": None,
+        "phase": None,
+        "traceback": None,
+        "output_tail": None,
         "started_at": datetime.now(UTC).isoformat(),
         "acquire_s": math.nan,
         "rollout_s": math.nan,
@@ -40,6 +45,19 @@ def _new_row(run_id: str, provider: Provider, task: Task, repeat: int, config: R
         "answer": None,
         "info": {},
     }
+
+
+def _failed(row: dict[str, Any], phase: str, err: BaseException, sandbox: Any,
+            traceback: bool = True) -> None:
+    """Record what failed in ``row``: the phase, the exception's type, the user's traceback and
+    the newest output the sandbox streamed."""
+    row["phase"] = phase
+    row["error_type"] = type(err).__name__
+    if traceback:
+        row["traceback"] = user_traceback(err)
+    tail = getattr(sandbox, "output_tail", None)
+    if tail:
+        row["output_tail"] = tail
 
 
 def _answer_text(answer: Any) -> str | None:
@@ -62,8 +80,9 @@ async def rollout(
 ) -> None:
     """Run ``task`` once in a fresh sandbox from ``provider`` and report its row to ``on_done``.
 
-    Failures become the row's ``status``/``error``; the row is reported on every path, also when
-    the rollout is cancelled (status ``cancelled``, then the cancellation propagates).
+    Failures become the row's ``status``/``error`` (with ``error_type``, ``phase``,
+    ``traceback`` and ``output_tail``); the row is reported on every path, also when the rollout
+    is cancelled (status ``cancelled``, then the cancellation propagates).
     """
     row = _new_row(run_id, provider, task, repeat, config)
     repeat_token = _REPEAT.set(repeat)
@@ -71,8 +90,10 @@ async def rollout(
     ready = done = None
     phase, failed_in = "acquire", None
     meta: dict[str, Any] = {}
+    box: Any = None
     try:
         async with provider.open(config) as sandbox:
+            box = sandbox
             row["sandbox_id"] = sandbox.id
             if sandbox.endpoint is not None:
                 meta = sandbox.endpoint.meta
@@ -88,12 +109,13 @@ async def rollout(
                         row["answer"] = _answer_text(answer)
                         phase = "grade"
                         grade = await task.grade(sandbox, answer)
-                except TimeoutError:
+                except TimeoutError as err:
                     if not deadline.expired():
                         failed_in = phase
                         raise
                     row["status"] = "timeout"
                     row["error"] = f"rollout exceeded timeout_s={timeout_s} during {phase}"
+                    _failed(row, phase, err, sandbox)
                 except BaseException:
                     failed_in = phase  # the phase that failed, not the release that follows
                     raise
@@ -104,9 +126,10 @@ async def rollout(
                     phase = "release"
             finally:
                 await sandbox.close()
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as err:
         row["status"] = "cancelled"
         row["error"] = f"cancelled during {failed_in or phase}"
+        _failed(row, failed_in or phase, err, box, traceback=False)
         raise
     except Exception as err:  # a failing rollout is a row, not a failed run
         where = failed_in or phase
@@ -114,11 +137,17 @@ async def rollout(
         if limit is not None and where != "release":
             row["status"] = "timeout"
             row["error"] = (f"the sandbox reached limits.run_timeout_s = {limit:g}s during "
-                            f"{where} ({type(err).__name__}: {err})")
-        else:
-            row["error"] = f"{where}: {type(err).__name__}: {err}"
-            if where != "release":  # a failed release keeps the verdict already reached
-                row["status"] = "error"
+                            f"{where} ({one_line(err)})")
+            _failed(row, where, err, box)
+        elif where != "release":
+            row["status"] = "error"
+            row["error"] = f"{where}: {one_line(err)}"
+            _failed(row, where, err, box)
+        else:  # a failed release keeps the verdict (and the failure) already reached
+            row["error"] = f"{where}: {one_line(err)}" if row["error"] is None else \
+                f"{row['error']}; then release: {one_line(err)}"
+            if row["phase"] is None:
+                _failed(row, where, err, box)
     finally:
         _REPEAT.reset(repeat_token)
         end = time.perf_counter()

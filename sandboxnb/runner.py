@@ -72,8 +72,10 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return group
 
 
-async def execute(plan: Plan, report: Report, *, run_id: str = "") -> None:
-    """Run every rollout of ``plan``, reporting each row to ``report`` (on the loop thread).
+async def execute(plan: Plan, report: Report, *, run_id: str = "",
+                  on_start: Callable[[PlannedRollout], None] | None = None) -> None:
+    """Run every rollout of ``plan``, reporting each row to ``report`` (on the loop thread);
+    ``on_start(item)`` is called as each rollout starts (its row reports its end).
 
     A provider the plan owns (made from a name) is closed at the end, on every path."""
     agent = plan.agent
@@ -83,6 +85,8 @@ async def execute(plan: Plan, report: Report, *, run_id: str = "") -> None:
         return await agent(sandbox, task)
 
     async def one(item: PlannedRollout) -> None:
+        if on_start is not None:
+            on_start(item)
         await rollout(
             plan.provider,
             item.task,

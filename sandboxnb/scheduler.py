@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -23,11 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandboxnb.agents import Agent
-from sandboxnb.config import RuntimeConfig
+from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
 from sandboxnb.journal import Journal
-from sandboxnb.plan import Plan, make_plan
+from sandboxnb.options import parse_count
+from sandboxnb.plan import Plan, PlannedRollout, make_plan
 from sandboxnb.providers import Provider
 from sandboxnb.results import Results
+from sandboxnb.retry import Recipe, retry_statuses, with_retries
 from sandboxnb.runner import execute
 from sandboxnb.tasks import Task, Taskset
 
@@ -57,7 +61,7 @@ class Run:
     takes its final value only once every sandbox is released and the journal is closed.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, recipe: Recipe | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.plan = plan
         self.name = plan.name
@@ -75,6 +79,10 @@ class Run:
         self._done_callbacks: list[DoneCallback] = []
         self._ended: concurrent.futures.Future[Run] = concurrent.futures.Future()
         self._ended.set_running_or_notify_cancel()  # only _finish completes it
+        self._recipe = recipe
+        #: (task_id, repeat) -> (monotonic start, wall-clock start) of each rollout in flight
+        self._in_flight: dict[tuple[str, int], tuple[float, datetime]] = {}
+        self._began: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Run:
@@ -89,9 +97,11 @@ class Run:
                 "sandboxnb.start() needs a running event loop (a notebook cell or async code); "
                 "from synchronous code use asyncio.run(sandboxnb.run(...))"
             ) from None
+        _check_journal_free(self.plan.journal)
         if self.plan.journal is not None:
             self._journal = Journal(self.plan.journal, header=self.plan.header)
         self.status = "running"
+        self._began = time.monotonic()
         self.started_at = datetime.now(UTC)
         self._task = loop.create_task(self._execute())
         _ACTIVE.add(self)
@@ -163,7 +173,7 @@ class Run:
         began = time.perf_counter()
         status, error = "failed", None
         try:
-            await execute(self.plan, self._record, run_id=self.id)
+            await execute(self.plan, self._record, run_id=self.id, on_start=self._started)
             status = "done"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -203,7 +213,11 @@ class Run:
         for fn in callbacks:
             self._call(fn)
 
+    def _started(self, item: PlannedRollout) -> None:
+        self._in_flight[(item.task.id, item.repeat)] = (time.monotonic(), datetime.now(UTC))
+
     def _record(self, row: dict[str, Any]) -> None:
+        self._in_flight.pop((row.get("task_id"), row.get("repeat")), None)
         self.results.add(row)
         if self._journal is not None:
             self._journal.append(row)
@@ -249,6 +263,76 @@ class Run:
         """The rows so far as a tidy DataFrame (see :func:`sandboxnb.results.rows_to_frame`)."""
         return self.results.to_pandas()
 
+    def errors(self) -> pd.DataFrame:
+        """The failed rollouts (error, timeout) so far: task, repeat, status, phase, error type,
+        one-line error, the user's traceback, the sandbox's last output, duration, sandbox."""
+        return self.results.errors()
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """The rollouts running now, oldest first: ``task_id``, ``repeat``, ``started_at``
+        (UTC) and ``age_s``. Safe from any thread."""
+        now = time.monotonic()
+        running = sorted(dict(self._in_flight).items(), key=lambda item: item[1][0])
+        return [{"task_id": task_id, "repeat": repeat, "started_at": wall, "age_s": now - began}
+                for (task_id, repeat), (began, wall) in running]
+
+    def task(self, task_id: str) -> Task | None:
+        """The task of this run with id ``task_id`` (None if it has none)."""
+        for item in self.plan.rollouts:
+            if item.task.id == task_id:
+                return item.task
+        if self._recipe is not None:
+            for task in self._recipe.tasks:
+                if task.id == task_id:
+                    return task
+        return None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the run started (its wall time once it ended; 0 before it starts)."""
+        if self.wall_s is not None:
+            return self.wall_s
+        return time.monotonic() - self._began if self._began is not None else 0.0
+
+    def retry(
+        self,
+        status: str | Iterable[str] = ("error", "timeout"),
+        *,
+        max_concurrent: int | None = None,
+        timeout_s: float | str | None = "same",
+        progress: bool = False,
+    ) -> Run:
+        """Run again the rollouts whose latest row has one of ``status`` (by default the failed
+        ones), into the same journal, and return the new :class:`Run` (started: ``await`` it).
+
+        The new run's results hold one row per rollout: the kept rows of this run and the new
+        rows of the retried ones; :func:`sandboxnb.load` of the journal gives the same (it keeps
+        the latest row per rollout). This run must have ended. ``max_concurrent`` and
+        ``timeout_s`` default to this run's. After a kernel restart, use
+        ``sandboxnb.start(taskset, agent, journal=PATH, resume=True, retry=("error", "timeout"))``.
+        """
+        statuses = retry_statuses(status)
+        if not self.done():
+            raise RuntimeError(f"run {self.name} ({self.id}) is {self.status}: wait for it to "
+                               "end (await run) or cancel it before retrying its rollouts")
+        plan = with_retries(dataclasses.replace(self.plan, rollouts=()), self.results.rows,
+                            statuses, self._recipe, self.plan.rollouts)
+        changes: dict[str, Any] = {}
+        if max_concurrent is not None:
+            changes["max_concurrent"] = parse_count(max_concurrent, "max_concurrent")
+        if timeout_s != "same":
+            if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
+                    timeout_s, int | float) or not math.isfinite(timeout_s) or timeout_s <= 0):
+                raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 "
+                                  "or None")
+            changes["timeout_s"] = timeout_s
+        retried = Run(dataclasses.replace(plan, **changes), self._recipe).start()
+        if progress:
+            from sandboxnb.progress import progress_bar
+
+            progress_bar(retried)
+        return retried
+
     def summary(self) -> str:
         """One line: rows by status, mean reward, wall time and status."""
         wall = f"{self.wall_s:.1f}s" if self.wall_s is not None else "-"
@@ -256,6 +340,16 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.name} {self.id}: {self.summary()}>"
+
+
+def _check_journal_free(path: Path | None) -> None:
+    """Refuse to start a second run appending to the journal of a run still running."""
+    if path is None:
+        return
+    for other in list(_ACTIVE):
+        if other.journal_path is not None and other.journal_path.resolve() == path.resolve():
+            raise RuntimeError(f"journal = {str(path)!r} is being written by run {other.name} "
+                               f"({other.id}), which is {other.status}: wait for it to end")
 
 
 TasksetLike = str | Path | Taskset | Iterable[Task | Mapping[str, Any]]
@@ -273,6 +367,7 @@ def start(
     journal: str | Path | None = "auto",
     resume: bool | str = False,
     progress: bool = False,
+    retry: str | Iterable[str] | None = None,
 ) -> Run:
     """Validate everything, then schedule a run on the running loop and return it at once.
 
@@ -282,10 +377,17 @@ def start(
     unless ``resume=True``, which keeps its rows and runs only the (task, repeat) pairs it does
     not hold yet; the journal's header must show the same run (taskset and its tasks, agent,
     runtime, config, repeats), and ``resume="force"`` continues it even if not.
-    ``progress=True`` shows a text progress bar.
+    ``retry=("error", "timeout")`` also runs again the rollouts whose latest row in it has one
+    of those statuses (a retry after a kernel restart). ``progress=True`` shows a text
+    progress bar.
     """
+    statuses = retry_statuses(retry) if retry is not None else ()
+    if statuses and not resume:
+        raise ConfigError(f"retry = {retry!r} reruns rollouts of an existing journal, but resume = "
+                         f"{resume!r}; pass resume=True and the journal's path")
+    tasks = Taskset.load(taskset)
     plan = make_plan(
-        taskset,
+        tasks,
         agent,
         runtime,
         config=config,
@@ -295,7 +397,10 @@ def start(
         journal=journal,
         resume=resume,
     )
-    run_obj = Run(plan).start()
+    recipe = Recipe(tasks, merge_config(RuntimeConfig(), config), repeats)
+    if statuses:
+        plan = with_retries(plan, plan.previous, statuses, recipe)
+    run_obj = Run(plan, recipe).start()
     if progress:
         from sandboxnb.progress import progress_bar
 
@@ -315,6 +420,7 @@ async def run(
     journal: str | Path | None = "auto",
     resume: bool | str = False,
     progress: bool = True,
+    retry: str | Iterable[str] | None = None,
 ) -> Run:
     """Run every task ``repeats`` times, each rollout in a fresh sandbox; return the :class:`Run`.
 
@@ -332,6 +438,7 @@ async def run(
         journal=journal,
         resume=resume,
         progress=progress,
+        retry=retry,
     )
     try:
         return await run_obj

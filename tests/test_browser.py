@@ -226,6 +226,125 @@ def _drive_browser(base, server, shots, tmp_path, expect, sync_playwright, Playw
             context.close()
 
 
+# ---- the launcher as a new user meets it --------------------------------------------------------
+LAUNCHER_NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "import sandboxnb\n%load_ext sandboxnb"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "sandboxnb.launcher(provider=\"local\")"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": ""},
+    ],
+    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                "name": "python3"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def test_launcher_adapts_to_the_provider_and_publishes_the_sandbox(jupyterlab, tmp_path):
+    """Fields local does not honour are disabled with the reason (and enabled for a provider
+    that honours them); Launch puts the sandbox in the notebook under its name, says how to use
+    it, and the table has headers and ages that move; screenshots in the light and dark theme
+    go to artifacts/screenshots/."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `sudo scripts/setup-browser`")
+    from playwright.sync_api import expect, sync_playwright
+
+    base, _server = jupyterlab
+    work = tmp_path / "work"  # what the fixture serves
+    (work / "launcher.ipynb").write_text(json.dumps(LAUNCHER_NOTEBOOK))
+    shots = ROOT / "artifacts" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    _set_subreaper(True)
+    try:
+        with sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile-launcher"), executable_path=CHROMIUM,
+                headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+            try:
+                page = context.new_page()
+                page.set_default_timeout(60_000)
+                _open_and_run_all(page, base, "launcher.ipynb")
+                launcher = page.locator(".sandboxnb-launcher").first
+                launcher.wait_for(timeout=120_000)
+                disk = page.locator(".sandboxnb-field-disk_mb")
+                expect(disk.locator("input")).to_be_disabled()
+                expect(disk).to_contain_text("local does not support resources.disk_mb")
+                expect(page.locator(".sandboxnb-field-gpu input")).to_be_disabled()
+                expect(page.locator(".sandboxnb-field-memory_mb input")).to_be_enabled()
+                _choose(launcher.locator("select").first, "modal")
+                expect(page.locator(".sandboxnb-field-gpu input")).to_be_enabled()
+                expect(page.locator(".sandboxnb-field-image input")).to_be_enabled()
+                expect(disk.locator("input")).to_be_disabled()
+                _choose(launcher.locator("select").first, "local")
+                expect(page.locator(".sandboxnb-field-gpu input")).to_be_disabled()
+                launcher.locator("input").first.fill("box")  # the name field
+                page.locator(".sandboxnb-launch").first.click()
+                status = page.locator(".sandboxnb-status").first
+                expect(status).to_contain_text('await box.exec("ls")', timeout=90_000)
+                expect(status).to_contain_text("%%sandbox box")
+                expect(page.locator(".sandboxnb-header")).to_contain_text("age")
+                row = page.locator(".sandboxnb-row-box")
+                expect(row).to_contain_text("running")
+                first = row.inner_text()  # only the age changes in a running row
+                wait_until(lambda: row.inner_text() != first, 30,
+                           f"the age to move on by itself (row: {first!r})", interval=0.2)
+                launcher.screenshot(path=str(shots / "launcher-light.png"))
+                # the sandbox is in the namespace under its name
+                cell = page.locator(".jp-Cell").nth(2)  # the empty third cell
+                cell.locator(".cm-content").click()
+                page.keyboard.type("print((await box.exec('echo from-box')).stdout)")
+                page.keyboard.press("Shift+Enter")
+                expect(cell.locator(".jp-OutputArea")).to_contain_text("from-box",
+                                                                        timeout=60_000)
+                _dark_theme(page)
+                launcher.screenshot(path=str(shots / "launcher-dark.png"))
+                row.locator(".sandboxnb-stop").click()
+                expect(page.locator(".sandboxnb-row")).to_have_count(0, timeout=90_000)
+            finally:
+                context.close()
+    finally:
+        _reap_browser_children()
+        _set_subreaper(False)
+    assert {"launcher-light.png", "launcher-dark.png"} <= {p.name for p in shots.iterdir()}
+
+
+def _open_and_run_all(page, base: str, notebook: str) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):  # a loaded machine can fail the first fetch
+        page.goto(f"{base}/lab/tree/{notebook}")
+        try:
+            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+    with contextlib.suppress(PlaywrightTimeout):  # "Select Kernel" shows on first open
+        page.locator(".jp-Dialog button", has_text="Select").first.click(timeout=15_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+        timeout=90_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def _choose(select, provider: str) -> None:
+    """Pick ``provider`` in the dropdown (labelled ``modal (unavailable)`` where it is)."""
+    labels = select.locator("option").all_text_contents()
+    (label,) = [t for t in labels if t.replace("\xa0", " ").split(" ")[0] == provider]
+    select.select_option(label=label)
+
+
+def _dark_theme(page) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text="Settings").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Theme").first.hover()
+    page.locator(".lm-Menu-itemLabel", has_text="JupyterLab Dark").first.click()
+    page.wait_for_function(
+        "document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+    page.locator("#jupyterlab-splash").wait_for(state="detached", timeout=30_000)
+
+
 # ---- Cancel and Kernel > Interrupt during a blocking `%sandbox run` ------------------------------
 
 _CONTROL_CELLS = [
@@ -286,7 +405,7 @@ def _menu(page, menu: str, item: str) -> None:
 def test_cancel_and_interrupt_a_blocking_run_from_jupyterlab(jupyterlab, tmp_path):
     """Cancel, clicked while `%sandbox run` blocks the cell, ends the run within seconds (the run
     would take > 3 hours) and df holds the rows so far; so does Kernel > Interrupt. The monitor
-    shows one final state. Screenshots go to test-output/browser/."""
+    shows one final state. Screenshots go to artifacts/screenshots/."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `sudo scripts/setup-browser`")
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -297,7 +416,7 @@ def test_cancel_and_interrupt_a_blocking_run_from_jupyterlab(jupyterlab, tmp_pat
     marks = tmp_path / "marks"  # the agent notes each rollout it starts
     _control_notebook(tmp_path / "work" / "control.ipynb", j1=str(j1), j2=str(j2),
                       marks=str(marks))
-    keep = ROOT / "test-output" / "browser"
+    keep = ROOT / "artifacts" / "screenshots"
     keep.mkdir(parents=True, exist_ok=True)
     _set_subreaper(True)
     try:

@@ -491,7 +491,12 @@ def test_results_statistics_on_rows():
     assert results.counts() == {"error": 1, "ok": 2, "timeout": 1}
     assert results.rewards() == [1.0, 0.0] and results.mean_reward() == 0.5
     assert [r["task_id"] for r in results.newest(2)] == ["d", "c"]
-    assert results.summary() == "4/6 rollouts (error 1, ok 2, timeout 1); mean reward 0.500"
+    assert results.score() == (0.25, 4)  # errors and timeouts count 0
+    assert results.summary() == ("4/6 rollouts (error 1, ok 2, timeout 1); mean reward 0.250 "
+                                 "over 4 rollouts (errors and timeouts count 0; 0.500 over 2 "
+                                 "graded)")
+    assert Results([{"task_id": "a", "status": "ok", "reward": 1.0}]).summary() == (
+        "1/1 rollouts (ok 1); mean reward 1.000 over 1 rollouts")
     assert math.isnan(Results().mean_reward())
     assert Results().summary() == "0/0 rollouts (no rows); mean reward -"
 

@@ -220,9 +220,9 @@ asyncio.run(main())
 """
 
 
-async def _start_one(provider: LocalProvider, leftover: str) -> None:
+async def _start_one(provider: LocalProvider, leftover: str | None) -> None:
     async with provider.sandbox():
-        assert not _exists(Path(leftover))
+        assert leftover is None or not _exists(Path(leftover))
 
 
 def _cgroup_dirs(sandbox_id: str) -> list[Path]:
@@ -280,6 +280,45 @@ def test_a_new_sandbox_sweeps_what_dead_owners_left(tmp_path):
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+def _forge(root: Path, sandbox_id: str, cgroups: list[str]) -> Path:
+    """A leftover record as anyone who can write the temp root could plant it."""
+    leftover = root / f"sandboxnb-{sandbox_id}"
+    leftover.mkdir(mode=0o700)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is surely not running any more
+    (leftover / "owner.json").write_text(json.dumps(
+        {"sandbox_id": sandbox_id, "pid": dead.pid, "start": "0", "labels": {},
+         "cgroups": cgroups}))
+    return leftover
+
+
+@pytest.mark.parametrize("forgery", ["foreign-cgroup", "other-uid"])
+def test_a_forged_leftover_never_signals_a_process(tmp_path, forgery):
+    """A planted ``owner.json`` naming a cgroup that holds an unrelated process (or a record
+    that another user owns) is neither swept nor listed: the process lives on."""
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        fake_group = tmp_path / "fake-cgroup"
+        fake_group.mkdir()
+        (fake_group / "cgroup.procs").write_text(f"{victim.pid}\n")
+        if forgery == "foreign-cgroup":
+            leftover = _forge(tmp_path, "local-0123456789ab", [str(fake_group)])
+        else:
+            leftover = _forge(tmp_path, "local-0123456789ab", [])
+            os.chown(leftover, 65534, 65534)
+            os.chown(leftover / "owner.json", 65534, 65534)
+        env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=REPO)
+        gc = subprocess.run([sys.executable, "-m", "sandboxnb", "gc", "--runtime", "local",
+                             "--delete"], env=env, capture_output=True, text=True, timeout=60)
+        assert "local-0123456789ab" not in gc.stdout, gc.stdout + gc.stderr
+        asyncio.run(_start_one(LocalProvider(root=tmp_path), None))
+        assert victim.poll() is None, "a forged record got an unrelated process killed"
+        assert leftover.is_dir()
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 # -- 6. fork bomb ------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def test_providers_table(ip):
         ("launch local --gpu ':x'", "GPU spec"),
         ("launch local --name 1bad", "valid Python identifier"),
         ("launch local --bogus 1", "unrecognized arguments"),
+        ("launch local --replace", "--replace needs --name"),
         ("stop", "needs a sandbox NAME or --all"),
         ("stop nosuch", "no running sandbox named 'nosuch'"),
         ("stop x --all", "either a NAME or --all"),
@@ -150,8 +151,8 @@ def test_cell_usage_errors(ip):
     ip.run_line_magic("sandbox", "launch --name held")
     with pytest.raises(UsageError, match="apply only to a fresh sandbox"):
         ip.run_cell_magic("sandbox", "held --cpu 2", "1")
-    with pytest.raises(UsageError, match="already running"):
-        ip.run_line_magic("sandbox", "launch --name held")
+    with pytest.raises(UsageError, match="already running with another configuration"):
+        ip.run_line_magic("sandbox", "launch --name held --cpu 1")
 
 
 def test_cell_state_persists_and_streams(ip, capsys):
@@ -275,6 +276,94 @@ def test_doctor_checks_a_provider_live(ip, capsys):
 def test_doctor_refuses_a_bad_option_before_anything_starts(ip):
     with pytest.raises(UsageError, match=r"local does not support resources\.disk_mb"):
         ip.run_line_magic("sandbox", "doctor local --disk-mb 1024")
+
+
+def _server_of(sandbox_id: str) -> set[int]:
+    return processes_with(sandbox_id) & live_sandbox_servers()
+
+
+def test_launch_twice_reuses_then_replace_starts_anew(ip, capsys):
+    """Running a notebook twice: the same named launch reuses the running sandbox; another
+    configuration is refused (naming the difference) unless --replace."""
+    ip.run_line_magic("sandbox", "launch local --name box --memory-mb 256")
+    first = ip.user_ns["box"].id
+    out = capsys.readouterr().out
+    assert "`" not in out and "await box.exec(" in out and "%%sandbox box" in out
+    assert "%sandbox stop box" in out
+    del ip.user_ns["box"]
+    ip.run_line_magic("sandbox", "launch local --name box --memory-mb 256")
+    assert "already running with this configuration" in capsys.readouterr().out
+    assert ip.user_ns["box"].id == first and len(manager().records()) == 1  # put back, reused
+    with pytest.raises(UsageError, match=r"another configuration: memory_mb=256 \(asked: 512\)"
+                       r".*add --replace"):
+        ip.run_line_magic("sandbox", "launch local --name box --memory-mb 512")
+    assert ip.user_ns["box"].id == first and ip.user_ns["box"].state == "running"
+    old_server = _server_of(first)
+    assert old_server
+    ip.run_line_magic("sandbox", "launch local --name box --memory-mb 512 --replace")
+    assert "stopped the previous box" in capsys.readouterr().out
+    box = ip.user_ns["box"]
+    assert box.id != first and box.config.resources.memory_mb == 512
+    wait_until(lambda: not (old_server & live_sandbox_servers()), 10, "the old server to exit")
+    assert [r.id for r in manager().records()] == [box.id]
+
+
+def test_mistyped_sandbox_names_get_suggestions(ip):
+    ip.run_line_magic("sandbox", "launch --name mybox")
+    with pytest.raises(UsageError, match=r"\(did you mean 'mybox'\?\); running: mybox"):
+        ip.run_cell_magic("sandbox", "mybx", "1")
+    with pytest.raises(UsageError, match=r"no running sandbox named 'mybx' \(did you mean "
+                                         r"'mybox'\?\)"):
+        ip.run_line_magic("sandbox", "stop mybx")
+    assert manager().names() == ["mybox"]
+
+
+def test_usage_errors_show_the_usage_as_typed(ip):
+    with pytest.raises(UsageError) as line_error:
+        ip.run_line_magic("sandbox", "lauch")
+    text = str(line_error.value)
+    assert "::" not in text and "%%sandbox" not in text and "usage: %sandbox " in text
+    with pytest.raises(UsageError) as cell_error:
+        ip.run_cell_magic("sandbox", "--bogus", "1")
+    text = str(cell_error.value)
+    assert "::" not in text and "%%%" not in text and "usage: %%sandbox " in text
+
+
+def test_ls_shows_a_sandbox_its_run_timeout_ended(ip):
+    ip.run_line_magic("sandbox", "launch --name short --run-timeout 1")
+    sandbox_id = ip.user_ns["short"].id
+    assert _server_of(sandbox_id)
+
+    def ended_row():
+        (row,) = ip.run_line_magic("sandbox", "ls").rows
+        return row if row["state"] == "ended" else None
+
+    row = wait_until(ended_row, 30, "ls to show the sandbox ended")
+    assert "run timeout" in row["error"] and "limits.run_timeout_s = 1 s" in row["error"]
+    assert "ended (its run timeout ended it" in repr(ip.run_line_magic("sandbox", "ls"))
+    assert not _server_of(sandbox_id)
+    with pytest.raises(UsageError, match="sandbox short has ended: its run timeout"):
+        ip.run_cell_magic("sandbox", "short", "1")
+    with pytest.raises(AttributeError, match=r"has ended .*launch a new one"):
+        ip.user_ns["short"].exec  # noqa: B018
+    ip.run_line_magic("sandbox", "stop short")
+    assert ip.run_line_magic("sandbox", "ls").rows == [] and "short" not in ip.user_ns
+    # the name is free again
+    ip.run_line_magic("sandbox", "launch --name short")
+    assert ip.user_ns["short"].id != sandbox_id
+
+
+def test_ls_shows_a_sandbox_whose_server_died(ip):
+    import psutil
+
+    ip.run_line_magic("sandbox", "launch --name doomed")
+    sandbox_id = ip.user_ns["doomed"].id
+    for pid in _server_of(sandbox_id):
+        psutil.Process(pid).kill()
+    (row,) = ip.run_line_magic("sandbox", "ls").rows
+    assert row["state"] == "ended" and "its server went away" in row["error"], row
+    ip.run_line_magic("sandbox", "stop --all")
+    assert manager().records() == [] and "doomed" not in ip.user_ns
 
 
 def _plan_of_one():

@@ -57,6 +57,14 @@ def test_notebook_runs_top_to_bottom(path, no_account):
         assert "40 rows -> df" in text
         assert any("image/png" in o.get("data", {}) for c in nb.cells
                    if c.cell_type == "code" for o in c.outputs)
+    if path.stem == "failures":
+        text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                         for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert "12/12 rollouts (error 6, ok 6); mean reward 0.500 over 12 rollouts" in text
+        assert "in call_model" in text and "thinking about task-" in text
+        assert "12/12 rollouts (ok 12); mean reward 1.000 over 12 rollouts" in text
+        assert "12 rows for 12 tasks" in text
+        assert "fail->pass 6" in text
 
 
 def _execute(kc, code: str, timeout: float = 120) -> dict:

@@ -44,10 +44,16 @@ class SandboxHandle:
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
             raise AttributeError(attr)
-        sandbox = self._record.sandbox
-        if sandbox is None:
+        record = self._record
+        sandbox = record.sandbox
+        if record.state == "ended":
             raise AttributeError(
-                f"sandbox {self._record.name} is {self._record.state}; {attr!r} is unavailable"
+                f"sandbox {record.name} has ended ({record.error}), so {attr!r} is unavailable; "
+                f"launch a new one with %sandbox launch --name {record.name}"
+            )
+        if sandbox is None or record.state != "running":
+            raise AttributeError(
+                f"sandbox {record.name} is {record.state}; {attr!r} is unavailable"
             )
         target = getattr(sandbox, attr)
         if attr in self._ASYNC and self._foreign_loop():
@@ -70,13 +76,16 @@ class SandboxHandle:
         return call
 
     def stop(self) -> None:
-        """Stop this sandbox and wait for its teardown."""
+        """Stop this sandbox and wait for its teardown (an ended one is only forgotten)."""
         if self._record.state in ("starting", "running"):
             self._manager.stop(self._record.name)
+        elif self._record.state == "ended":
+            self._manager.forget(self._record.name)
 
     def __repr__(self) -> str:
         r = self._record
-        return f"<Sandbox {r.name} provider={r.provider} id={r.id} state={r.state}>"
+        why = f" ({r.error})" if r.state == "ended" else ""
+        return f"<Sandbox {r.name} provider={r.provider} id={r.id} state={r.state}{why}>"
 
     def _repr_html_(self) -> str:
         return sandboxes_html([self._record])

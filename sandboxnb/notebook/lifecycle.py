@@ -2,8 +2,9 @@
 
 Loading registers the magics, the rich displays and the release hooks, and nothing else.
 Unloading, the kernel's shutdown and interpreter exit release everything: background runs
-(``sandboxnb.start``) are cancelled and interactive sandboxes stopped, so no sandbox outlives
-its kernel. Two release hooks:
+(``sandboxnb.start``) are cancelled, interactive sandboxes stopped and ``sandboxnb.launch()``
+contexts that were entered and never exited released, so no sandbox outlives its kernel. Two
+release hooks:
 
 * the kernel's shutdown request (``Kernel.do_shutdown``, also on restart): runs while the kernel
   loop and the interpreter are still fully alive, so rollouts unwind normally and their
@@ -93,7 +94,9 @@ def _active_runs() -> list[Any]:
 
 async def release_everything(grace_s: float = GRACE_S) -> None:
     """On the kernel loop: cancel every background run that has not ended, ask every
-    interactive sandbox to stop, and wait (up to ``grace_s``) until all of them unwound."""
+    interactive sandbox to stop, exit every open ``launch()``, and wait (up to ``grace_s``)
+    until all of them unwound."""
+    from sandboxnb.interactive import release_open_launches_async
     from sandboxnb.notebook.sandboxes import current_manager
 
     runs = _active_runs()
@@ -103,6 +106,7 @@ async def release_everything(grace_s: float = GRACE_S) -> None:
     manager = current_manager()
     if manager is not None:
         waits.append(asyncio.ensure_future(manager.stop_all_async(grace_s)))
+    waits.append(asyncio.ensure_future(release_open_launches_async(grace_s)))
     if waits:
         _done, pending = await asyncio.wait(waits, timeout=grace_s)
         for waiter in pending:  # only the waiting stops; the teardowns go on
@@ -132,10 +136,12 @@ async def _wait_runs(runs: list[Any], grace_s: float) -> None:
 
 
 def at_exit() -> None:
-    """Interpreter exit: cancel background runs, then stop interactive sandboxes."""
+    """Interpreter exit: cancel background runs, stop interactive sandboxes, then exit the
+    ``launch()`` contexts still open."""
+    from sandboxnb.interactive import release_open_launches
     from sandboxnb.notebook.sandboxes import release_all
 
-    for step in (_cancel_runs_blocking, release_all):
+    for step in (_cancel_runs_blocking, release_all, release_open_launches):
         with contextlib.suppress(Exception):
             step()
 

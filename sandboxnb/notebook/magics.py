@@ -23,7 +23,7 @@ from sandboxnb import options
 from sandboxnb.errors import ConfigError, SandboxnbError
 from sandboxnb.notebook.handle import SandboxHandle
 from sandboxnb.notebook.loop import Interrupted, remember_kernel_loop, run_blocking
-from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, provider_rows
+from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, format_age, provider_rows
 from sandboxnb.notebook.sandboxes import SandboxManager, manager, validate_launch
 
 __all__ = ["RemoteCellError", "RemoteValue", "SandboxMagics"]
@@ -34,8 +34,14 @@ class _Parser(MagicArgumentParser):
 
     def error(self, message: str):
         message = options.explain_usage_error(self, message)
-        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}\n"
+        raise UsageError(f"{self.prog}: {message}\n{self.plain_usage()}\n"
                          "(see %sandbox? for every subcommand and option)")
+
+    def plain_usage(self) -> str:
+        """``usage: %sandbox ...`` as typed (IPython's formatter adds reST and a second %)."""
+        formatter = argparse.HelpFormatter(prog=self.prog)
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        return formatter.format_help().strip()
 
 
 def _line_parser() -> _Parser:
@@ -44,7 +50,11 @@ def _line_parser() -> _Parser:
     launch = sub.add_parser("launch", prog="%sandbox launch",
                             help="start an interactive sandbox, kept until stopped")
     launch.add_argument("provider", nargs="?", help="provider name (default: the configured one)")
-    launch.add_argument("--name", help="variable and sandbox name (default sb1, sb2, ...)")
+    launch.add_argument("--name", help="variable and sandbox name (default sb1, sb2, ...); a "
+                        "sandbox of that name running with the same configuration is reused")
+    launch.add_argument("--replace", action="store_true",
+                        help="stop a sandbox of that name (whatever its configuration) and "
+                             "launch a new one")
     options.add_runtime_arguments(launch)
     sub.add_parser("ls", prog="%sandbox ls", help="table of interactive sandboxes")
     stop = sub.add_parser("stop", prog="%sandbox stop", help="stop one sandbox, or --all")
@@ -242,7 +252,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
         Line magic::
 
-          %sandbox launch [PROVIDER] [--name NAME] [runtime options]
+          %sandbox launch [PROVIDER] [--name NAME [--replace]] [runtime options]
           %sandbox ls
           %sandbox stop NAME | --all
           %sandbox providers
@@ -282,19 +292,35 @@ class SandboxMagics(Magics, RuntimeDefaults):
         _check_name(args.name, "--name")
         provider = args.provider or self.default_provider
         config = self._config(args)
+        if args.replace and not args.name:
+            raise UsageError("%sandbox launch --replace needs --name NAME (the sandbox to "
+                             "replace)")
+        replaced = self.manager.get(args.name) if args.replace and args.name else None
         try:
-            record = self.manager.prepare(provider, args.name, config=config)
+            record = self.manager.prepare(provider, args.name, config=config,
+                                          replace=args.replace, namespace=self.shell.user_ns)
         except ConfigError as err:
             raise UsageError(str(err)) from None
+        if record.job is not None:  # the same sandbox, already running: reused
+            self.manager.wait_ready(record)
+            print(f"sandbox {record.name} is already running with this configuration "
+                  f"({record.provider}, id {record.id}, up {format_age(record.age_s)}): reusing "
+                  f"it (--replace starts a fresh one)")
+            return
+        if replaced is not None:
+            print(f"stopped the previous {replaced.name} ({replaced.provider}, id {replaced.id})")
         self.manager.start(record)
         self.manager.wait_ready(record)
-        self.shell.user_ns[record.name] = SandboxHandle(record, self.manager)
         summary = record.summary()
-        print(f"sandbox {record.name} is running ({record.provider}, id {record.id}; "
-              f"{summary['config']}). Use it as `{record.name}` (await {record.name}.exec(...)) "
-              f"or `%%sandbox {record.name}`; stop it with `%sandbox stop {record.name}`.")
+        name = record.name
+        print(f"sandbox {name} is running ({record.provider}, id {record.id}; "
+              f"{summary['config']}).\n"
+              f"  use it:   await {name}.exec(\"ls\")  or  await {name}.python(\"1 + 1\")\n"
+              f"  a cell:   %%sandbox {name}  (first line of the cell)\n"
+              f"  stop it:  %sandbox stop {name}")
 
     def _cmd_ls(self, args: argparse.Namespace) -> SandboxTable:
+        self.manager.check_alive()  # a sandbox ended by its run timeout shows as ended
         return SandboxTable(self.manager.records())
 
     def _cmd_stop(self, args: argparse.Namespace) -> None:
@@ -311,13 +337,14 @@ class SandboxMagics(Magics, RuntimeDefaults):
                 "%sandbox stop needs a sandbox NAME or --all; running: "
                 f"{', '.join(self.manager.names()) or 'none'}"
             )
+        ended = self.manager.forget(args.name)
+        if ended is not None:
+            print(f"{args.name} had already ended ({ended.error}); removed it")
+            return
         try:
             self.manager.stop(args.name)
         except KeyError:
-            raise UsageError(
-                f"no running sandbox named {args.name!r}; running: "
-                f"{', '.join(self.manager.names()) or 'none'} (see %sandbox ls)"
-            ) from None
+            raise UsageError(self.manager.unknown_name(args.name)) from None
         self._forget(args.name)
         print(f"stopped {args.name}")
 
@@ -432,6 +459,8 @@ class SandboxMagics(Magics, RuntimeDefaults):
         _check_name(args.output, "-o")
         target = args.target
         record = self.manager.get(target) if target else None
+        if target and record is None and self.manager.ended(target) is not None:
+            raise UsageError(f"%%sandbox {target}: {self.manager.unknown_name(target)}")
         given = options.given(args)
         if record is not None:
             if given:
@@ -446,9 +475,11 @@ class SandboxMagics(Magics, RuntimeDefaults):
 
             provider = target or self.default_provider
             if provider not in provider_names():
+                running = self.manager.names()
+                hint = options.did_you_mean(provider, [*running, *provider_names()])
                 raise UsageError(
-                    f"%%sandbox {target}: no running sandbox and no provider of that name; "
-                    f"running: {', '.join(self.manager.names()) or 'none'}; providers: "
+                    f"%%sandbox {target}: no running sandbox and no provider of that name"
+                    f"{hint}; running: {', '.join(running) or 'none'}; providers: "
                     f"{', '.join(provider_names())} (start one with %sandbox launch)"
                 )
             _, config = self._validate(provider, self._config(args))

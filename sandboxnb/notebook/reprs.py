@@ -13,6 +13,8 @@ __all__ = [
     "ProvidersTable",
     "SandboxTable",
     "format_age",
+    "format_number",
+    "histogram_svg",
     "provider_rows",
     "providers_html",
     "reward_histogram_svg",
@@ -177,25 +179,67 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def reward_histogram_svg(rewards: Sequence[float], bins: int = 10, width: int = 320,
-                         height: int = 90) -> str:
-    """An inline SVG histogram of rewards in [0, 1] (values outside are clamped)."""
+#: JupyterLab theme colours (with light-theme fallbacks outside JupyterLab)
+FG = "var(--jp-ui-font-color1,#1f2328)"
+FG_DIM = "var(--jp-ui-font-color2,#57606a)"
+BAR = "var(--jp-brand-color1,#1976d2)"
+LINE = "var(--jp-border-color2,#d0d7de)"
+
+
+def format_number(value: float, digits: int = 4) -> str:
+    """A float as a DataFrame shows it: ``1.0``, ``0.75``, ``0.3333``; ``-`` for NaN/None."""
+    if not _is_number(value):
+        return "-"
+    text = f"{float(value):.{digits}f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def histogram_svg(values: Sequence[float], *, title: str, bins: int = 10,
+                  lo: float | None = None, hi: float | None = None, unit: str = "",
+                  width: int = 300, height: int = 120, css_class: str = "sandboxnb-hist") -> str:
+    """An inline SVG histogram with a title, the count on each bar and the axis range; an empty
+    one says ``no rows yet``. Colours come from JupyterLab's theme variables."""
+    values = [float(v) for v in values if _is_number(v)]
+    text = f"style='fill:{FG}' font-size='11' font-family='var(--jp-ui-font-family,sans-serif)'"
+    head = f"<text x='0' y='12' {text} font-weight='bold'>{escape(title)} (n={len(values)})</text>"
+    if not values:
+        body = (f"<text x='{width / 2:.0f}' y='{height / 2 + 8:.0f}' text-anchor='middle' "
+                f"{text} style='fill:{FG_DIM}'>no rows yet</text>")
+        return (f"<svg class='{css_class}' width='{width}' height='{height}' "
+                f"xmlns='http://www.w3.org/2000/svg'>{head}{body}</svg>")
+    lo = min(values) if lo is None else lo
+    hi = max(values) if hi is None else hi
+    span = (hi - lo) or 1.0
     counts = [0] * bins
-    for value in rewards:
-        if _is_number(value):
-            idx = min(bins - 1, max(0, int(float(value) * bins)))
-            counts[idx] += 1
+    for value in values:
+        counts[min(bins - 1, max(0, int((value - lo) / span * bins)))] += 1
     top = max(counts) or 1
+    plot_top, plot_bottom = 30, height - 16
     bar_w = width / bins
     bars = []
     for i, n in enumerate(counts):
-        h = (height - 14) * n / top
+        h = (plot_bottom - plot_top) * n / top
+        x, y = i * bar_w, plot_bottom - h
+        a, b = lo + span * i / bins, lo + span * (i + 1) / bins
         bars.append(
-            f"<rect x='{i * bar_w + 1:.1f}' y='{height - 14 - h:.1f}' width='{bar_w - 2:.1f}' "
-            f"height='{h:.1f}' fill='#0969da'><title>{i / bins:.1f}-{(i + 1) / bins:.1f}: "
+            f"<rect x='{x + 1:.1f}' y='{y:.1f}' width='{bar_w - 2:.1f}' height='{h:.1f}' "
+            f"style='fill:{BAR}'><title>{format_number(a, 2)}-{format_number(b, 2)}{unit}: "
             f"{n}</title></rect>"
         )
-    axis = (f"<text x='0' y='{height - 2}' font-size='10'>0</text>"
-            f"<text x='{width - 8}' y='{height - 2}' font-size='10'>1</text>")
-    return (f"<svg class='sandboxnb-hist' width='{width}' height='{height}' "
-            f"xmlns='http://www.w3.org/2000/svg'>{''.join(bars)}{axis}</svg>")
+        if n:
+            bars.append(f"<text x='{x + bar_w / 2:.1f}' y='{y - 3:.1f}' text-anchor='middle' "
+                        f"{text}>{n}</text>")
+    axis = (f"<line x1='0' y1='{plot_bottom + 0.5}' x2='{width}' y2='{plot_bottom + 0.5}' "
+            f"style='stroke:{LINE}'/>"
+            f"<text x='0' y='{height - 3}' {text}>{format_number(lo, 2)}{unit}</text>"
+            f"<text x='{width}' y='{height - 3}' text-anchor='end' {text}>"
+            f"{format_number(hi, 2)}{unit}</text>")
+    return (f"<svg class='{css_class}' width='{width}' height='{height}' "
+            f"xmlns='http://www.w3.org/2000/svg'>{head}{''.join(bars)}{axis}</svg>")
+
+
+def reward_histogram_svg(rewards: Sequence[float], bins: int = 10, width: int = 300,
+                         height: int = 120) -> str:
+    """The reward histogram: rewards in [0, 1] (values outside are clamped)."""
+    return histogram_svg(rewards, title="reward", bins=bins, lo=0.0, hi=1.0, width=width,
+                         height=height, css_class="sandboxnb-hist sandboxnb-hist-reward")

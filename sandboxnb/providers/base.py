@@ -14,7 +14,9 @@ and nothing of the lifecycle itself:
     create that was interrupted before it returned a handle).
 
 Optional: ``failure(handle)`` (why a sandbox that is not ready yet will never be), ``prepare``
-(check a config beyond the supported fields), ``endpoint_meta`` and ``aclose``.
+(check a config beyond the supported fields), ``endpoint_meta`` and ``aclose``; for transient
+faults (:mod:`sandboxnb.providers.retry`) ``classify(err)`` (which errors are transient) and
+``adopt(found, spec)`` (take over a sandbox an uncertain create made).
 
 The base does the rest on every path: the launch spec (id, token, labels, server options from
 one policy), the startup deadline, readiness through the client's own authenticated handshake
@@ -37,6 +39,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sandboxnb.config import RuntimeConfig, check_supported
 from sandboxnb.errors import ProviderError, StartupTimeout
+from sandboxnb.providers import retry
+from sandboxnb.providers.retry import Fault, RetryPolicy, RetryStats
 from sandboxnb.providers.spec import (
     LABEL,
     LaunchSpec,
@@ -113,6 +117,8 @@ class Provider(abc.ABC):
     release_grace_s: ClassVar[float] = 30.0
     #: How the kernel reaches the server (shown by ``sandboxnb providers``).
     transport: ClassVar[str] = "tcp"
+    #: Bounds of retrying a backend call that failed transiently.
+    retry_policy: RetryPolicy = RetryPolicy()
 
     # -- hooks a backend writes -----------------------------------------------------------
     @abc.abstractmethod
@@ -139,6 +145,21 @@ class Provider(abc.ABC):
         """Why a sandbox that does not answer yet never will (it exited, the image is broken),
         or ``None`` while it may still come up. Checked between readiness attempts."""
         return None
+
+    def classify(self, err: Exception) -> Fault | None:
+        """A transient backend error as a :class:`~sandboxnb.providers.retry.Fault` (retried),
+        or ``None``: permanent, raised at once. By default every error is permanent."""
+        return None
+
+    async def adopt(self, found: Found, spec: LaunchSpec) -> Any:
+        """Take over ``found``, the sandbox an uncertain create of ``spec`` made, and return a
+        handle as ``create`` would; ``None`` has it destroyed and created again."""
+        return None
+
+    @property
+    def retry_stats(self) -> RetryStats:
+        """What retrying backend calls did on this provider (faults, retries, adoptions)."""
+        return retry.stats_of(self)
 
     def prepare(self, config: RuntimeConfig) -> RuntimeConfig:
         """Check ``config`` beyond the supported fields and return it as this backend uses it."""
@@ -255,7 +276,9 @@ class Provider(abc.ABC):
         phase = "creating the sandbox"
         try:
             async with asyncio.timeout(limit):
-                state.creating = asyncio.ensure_future(self.create(spec))
+                deadline = None if limit is None else asyncio.get_running_loop().time() + limit
+                state.creating = asyncio.ensure_future(
+                    retry.create(self, spec, deadline, state.progress))
                 state.handle = await asyncio.shield(state.creating)
                 state.created = True
                 phase = "asking for its address"
@@ -327,6 +350,8 @@ class Provider(abc.ABC):
     async def _destroy_all(self, state: _Acquired) -> None:
         """Destroy what acquire reached: the handle, or whatever carries the spec's labels."""
         if state.creating is not None and not state.created:
+            if not state.progress.sending:  # between attempts: no create can come of it
+                state.creating.cancel()
             with contextlib.suppress(BaseException):
                 state.handle = await state.creating
                 state.created = True
@@ -401,6 +426,7 @@ class _Acquired:
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self.creating: asyncio.Future[Any] | None = None
+        self.progress = retry.CreateProgress()
         self.handle: Any = None
         self.created = False
         self.endpoint: Endpoint | None = None

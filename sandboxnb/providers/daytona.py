@@ -5,6 +5,11 @@ from it (named by the spec's id, with its labels), uploads the server and its en
 toolbox and starts it in a process session while SSH access is connected; ``address`` forwards a
 local port to the server's fixed port. Daytona's auto-stop stays on as a leak net while
 ``refresh_activity`` keepalives hold the sandbox.
+
+Transient faults (:mod:`.retry`): 429 is a throttle (its ``Retry-After`` honoured); 5xx,
+connection errors and a 409 on create (our sandbox id is its name: a repeat of a create that
+happened) are uncertain; other 4xx are permanent. An adopted sandbox gets its server started
+as a fresh one does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, ClassVar
 
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.errors import ConfigError, ProviderError
+from sandboxnb.providers import retry
 from sandboxnb.providers.base import Availability, Found, LaunchSpec, Provider
 from sandboxnb.providers.daytona_backend import (
     DEFAULT_IMAGE,
@@ -142,8 +148,31 @@ class DaytonaProvider(Provider):
                 auto_stop_interval=self.auto_stop_minutes),
                 timeout=spec.config.limits.startup_timeout_s or 0)
         except DaytonaError as err:
-            raise ProviderError(f"daytona: {err}") from None
-        box = DaytonaSandbox(sandbox, snapshot=snapshot or sandbox.snapshot, image=image)
+            raise ProviderError(f"daytona: {err}") from err
+        return await self._serve(DaytonaSandbox(sandbox, snapshot=snapshot or sandbox.snapshot,
+                                                image=image), spec)
+
+    async def adopt(self, found: Found, spec: LaunchSpec) -> DaytonaSandbox:
+        """Wait until the sandbox an uncertain create made is started, then start the server."""
+        from daytona import DaytonaError
+
+        box: DaytonaSandbox = found.handle
+        try:
+            await box.sandbox.wait_for_sandbox_start(
+                timeout=spec.config.limits.startup_timeout_s or 0)
+        except DaytonaError as err:
+            raise ProviderError(f"daytona: {err}") from err
+        box.snapshot = box.sandbox.snapshot
+        return await self._serve(box, spec)
+
+    def classify(self, err: Exception) -> retry.Fault | None:
+        return _classify(err)
+
+    async def _serve(self, box: DaytonaSandbox, spec: LaunchSpec) -> DaytonaSandbox:
+        """Keepalive, SSH access and the server of a started sandbox."""
+        from daytona import DaytonaError
+
+        sandbox = box.sandbox
         box.keepalive = asyncio.ensure_future(self._keepalive(sandbox))
         # SSH access and the gateway connection overlap with the server's start
         box.ssh = asyncio.ensure_future(ssh_connect(sandbox, self.ssh_minutes))
@@ -152,7 +181,7 @@ class DaytonaProvider(Provider):
         except BaseException as err:
             await self.destroy(box)
             if isinstance(err, DaytonaError):
-                raise ProviderError(f"daytona: starting the server failed: {err}") from None
+                raise ProviderError(f"daytona: starting the server failed: {err}") from err
             raise
         return box
 
@@ -225,16 +254,21 @@ class DaytonaProvider(Provider):
                 conn.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.wait_closed(), 5)
-        with contextlib.suppress(DaytonaNotFoundError):
-            await handle.sandbox.delete()
+        sid = handle.sandbox.labels.get(f"{LABEL}.sandbox_id") or handle.sandbox.id
+        await retry.destroy(self, sid, handle.sandbox.delete, gone=(DaytonaNotFoundError,))
 
     async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
         from daytona import ListSandboxesQuery
 
         query = ListSandboxesQuery(labels=dict(labels))
-        return [Found(sb.labels.get(f"{LABEL}.sandbox_id", sb.id), DaytonaSandbox(sb), sb.labels)
-                async for sb in (await self._daytona()).list(query)
-                if state_of(sb) not in ("destroyed", "destroying")]
+        client = await self._daytona()
+
+        async def listing() -> list[Found]:
+            return [Found(sb.labels.get(f"{LABEL}.sandbox_id", sb.id), DaytonaSandbox(sb),
+                          sb.labels) async for sb in client.list(query)
+                    if state_of(sb) not in ("destroyed", "destroying")]
+
+        return await retry.call(self, "list sandboxes", listing)
 
     async def aclose(self) -> None:
         """Wait for releases in flight, then close the SDK client."""
@@ -247,3 +281,23 @@ class DaytonaProvider(Provider):
         snaps = self.snapshots
         what = f"snapshot={snaps.snapshot!r}" if snaps.snapshot else f"image={snaps.image!r}"
         return f"<DaytonaProvider {what} target={self.target!r}>"
+
+
+def _classify(err: BaseException) -> retry.Fault | None:
+    """Daytona's transient errors (found on ``err`` or its causes), else ``None``."""
+    from daytona import DaytonaError
+    from daytona.common.errors import DaytonaConnectionError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, DaytonaConnectionError):
+            return retry.Fault(retry.Kind.UNCERTAIN)
+        if isinstance(seen, DaytonaError) and seen.status_code is not None:
+            code = seen.status_code
+            if code == 429:
+                return retry.Fault(retry.Kind.THROTTLED, retry.retry_after_s(seen.headers))
+            if code == 409 or code >= 500:
+                return retry.Fault(retry.Kind.UNCERTAIN)
+            return None
+        seen = seen.__cause__
+    return None

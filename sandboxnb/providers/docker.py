@@ -5,6 +5,11 @@ starts. It listens on port :data:`PORT` inside, published on ``127.0.0.1`` (an e
 port). The synchronous ``docker`` SDK runs in the provider's own threads, never on the loop.
 ``cpu`` -> ``--cpus``, ``memory_mb`` -> ``--memory`` (swap included: a hard cap), ``gpu`` ->
 ``--gpus N`` (a count only: Docker cannot select a GPU model).
+
+Transient faults (:mod:`.retry`): 429 is a throttle; 5xx, connection errors and a 409 on create
+(a container of that name exists: an earlier attempt did happen) are uncertain; a container found
+after an uncertain create is replaced (it may never have been started); other errors are
+permanent.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, ClassVar, TypeVar
 
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.errors import ConfigError, ProviderError, UnsupportedFieldError
+from sandboxnb.providers import retry
 from sandboxnb.providers.base import LABEL, Availability, Found, LaunchSpec, Provider
 from sandboxnb.providers.docker_engine import (
     DEFAULT_IMAGE,
@@ -163,7 +169,7 @@ class DockerProvider(Provider):
         except BaseException as err:
             close_socket(sock)
             if isinstance(err, docker.errors.APIError):
-                raise launch_error(kwargs["image"], err) from None
+                raise launch_error(kwargs["image"], err) from err
             raise
         threading.Thread(target=watch_output, args=(client, box, sock, started),
                          daemon=True).start()
@@ -208,13 +214,18 @@ class DockerProvider(Provider):
         return {"container_id": box.cid, "container_name": f"sandboxnb-{box.sandbox_id}",
                 "image": box.image, "host_port": box.host_port}
 
+    def classify(self, err: Exception) -> retry.Fault | None:
+        return _classify(err)
+
     async def destroy(self, box: Container) -> None:
         box.destroyed = True  # its watcher need not ask why it stopped
-        await self._call(remove_container, self._docker(), box.cid)
+        await retry.destroy(self, box.sandbox_id,
+                            lambda: self._call(remove_container, self._docker(), box.cid))
 
     async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
-        found = await self._call(lambda: self._docker().api.containers(all=True, filters=filters))
+        found = await retry.call(self, "list sandboxes", lambda: self._call(
+            lambda: self._docker().api.containers(all=True, filters=filters)))
         return [Found(sid, Container(sid, c["Id"]), c["Labels"]) for c in found
                 for sid in [c["Labels"].get(f"{LABEL}.sandbox_id", c["Id"])]]
 
@@ -240,3 +251,26 @@ class DockerProvider(Provider):
             return self._docker().api.inspect_container(cid)["NetworkSettings"]["Ports"] or {}
         return {}
 
+
+
+def _classify(err: BaseException) -> retry.Fault | None:
+    """The engine's transient errors (found on ``err`` or its causes), else ``None``."""
+    import docker.errors
+    import requests
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, docker.errors.APIError) and seen.status_code is not None:
+            code, text = seen.status_code, str(seen.explanation or seen)
+            if code == 429:
+                return retry.Fault(retry.Kind.THROTTLED,
+                                   retry.retry_after_s(getattr(seen.response, "headers", None)))
+            if "executable file not found" in text or "no such file or directory" in text:
+                return None  # the image lacks python3: no retry helps
+            if code == 409 or code >= 500:
+                return retry.Fault(retry.Kind.UNCERTAIN)
+            return None
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return retry.Fault(retry.Kind.UNCERTAIN)
+        seen = seen.__cause__
+    return None

@@ -52,9 +52,11 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,7 @@ from sandboxnb.bundle import bundle_path
 from sandboxnb.errors import ConfigError
 from sandboxnb.providers.base import Availability, Found, LaunchSpec, Provider
 from sandboxnb.providers.local_cgroup import (
+    CGROUP_ROOT,
     Hierarchy,
     SandboxCgroups,
     find_hierarchies,
@@ -324,10 +327,10 @@ class LocalProvider(Provider):
 def _process_start(pid: int) -> str | None:
     """A process's start time in clock ticks since boot (tells a reused pid apart)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return fields.rsplit(")", 1)[1].split()[19]
 
 
 def _write_owner_file(box: LocalSandbox) -> None:
@@ -345,21 +348,72 @@ def _owner_dead(record: Mapping[str, Any]) -> bool:
     return start is None or start != record.get("start")
 
 
+_LEFTOVER_NAME = re.compile(r"sandboxnb-(local-[0-9a-f]{12})")
+
+
 def _leftovers(temp_root: str) -> list[tuple[Path, dict[str, Any]]]:
-    """Sandbox directories under ``temp_root`` whose owner process is gone."""
+    """Sandbox directories under ``temp_root`` whose owner process is gone.
+
+    The temp root is shared: a record is trusted only when its directory and file are ours
+    (same uid, no symlinks), its id matches the directory's name, and every cgroup it names is
+    a ``sandboxnb/<that id>`` group of ours; anything else is left alone.
+    """
     found = []
     try:
-        entries = [e for e in os.scandir(temp_root) if e.name.startswith("sandboxnb-local-")]
+        entries = [e for e in os.scandir(temp_root) if _LEFTOVER_NAME.fullmatch(e.name)]
     except OSError:
         return []
     for entry in entries:
-        try:
-            record = json.loads(Path(entry.path, OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # being created, or not ours
-        if isinstance(record, dict) and "sandbox_id" in record and _owner_dead(record):
+        record = _trusted_record(Path(entry.path))
+        if record is not None and _owner_dead(record):
             found.append((Path(entry.path), record))
     return found
+
+
+def _trusted_record(root: Path) -> dict[str, Any] | None:
+    match = _LEFTOVER_NAME.fullmatch(root.name)
+    try:
+        if not _ours(root.lstat()) or not stat.S_ISDIR(root.lstat().st_mode):
+            return None
+        fd = os.open(root / OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as file:
+            if not _ours(os.fstat(file.fileno())):
+                return None
+            record = json.loads(file.read(1 << 20))
+    except (OSError, ValueError):
+        return None  # being created, or not ours
+    if not isinstance(record, dict) or match is None or record.get("sandbox_id") != match[1]:
+        return None
+    labels = record.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        return None
+    groups = record.get("cgroups", [])
+    if not isinstance(groups, list) or not all(_our_group(g, match[1]) for g in groups):
+        log.warning("ignoring %s: its record names cgroups that are not this sandbox's", root)
+        return None
+    return record
+
+
+def _ours(st: os.stat_result) -> bool:
+    return st.st_uid == os.getuid()
+
+
+def _our_group(path: Any, sandbox_id: str) -> bool:
+    """Whether ``path`` is a cgroup directory of ours made for ``sandbox_id``."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return False
+    group = Path(path)
+    if os.path.normpath(path) != path or CGROUP_ROOT not in group.parents:
+        return False
+    if group.name != sandbox_id or group.parent.name != "sandboxnb":
+        return False
+    try:
+        st = group.lstat()
+    except FileNotFoundError:
+        return True  # already gone: nothing to signal
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and _ours(st)
 
 
 def sweep_dead_owners(temp_root: str) -> list[str]:

@@ -11,13 +11,20 @@ the spec's labels as they are (Modal takes any tag key).
 Modal caps a sandbox's lifetime (``timeout``, counted from create): it is ``startup_timeout_s +
 run_timeout_s``, so the base's run timeout (counted from ready) decides and the cap is the
 backstop when the kernel dies; with ``run_timeout_s = None`` it is Modal's maximum, 24 h.
+
+Transient faults (:mod:`.retry`): RESOURCE_EXHAUSTED (unless it names a quota) is a throttle;
+UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, CANCELLED, ABORTED and connection errors (what
+the SDK's own three retries gave up on) are uncertain; everything else is permanent. The SDK
+repeats a reset create on its own, so each create is followed by a sweep (in the background) of
+other sandboxes carrying the same sandbox id label.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import contextlib
 import functools
+import logging
 import lzma
 import math
 import time
@@ -28,11 +35,14 @@ from typing import Any, ClassVar, NoReturn
 from sandboxnb.bundle import bundle_bytes
 from sandboxnb.config import RuntimeConfig
 from sandboxnb.errors import ConfigError, ProviderError, UnsupportedFieldError
+from sandboxnb.providers import retry
 from sandboxnb.providers.base import LABEL, Availability, Found, LaunchSpec, Provider
 from sandboxnb.providers.modal_sdk import PUBLISHED_PREFIX, ModalSession, availability, is_image
 from sandboxnb.providers.spec import SERVER_BUNDLE_NAME
 
 __all__ = ["DEFAULT_IMAGE", "KNOWN_GPUS", "MAX_TIMEOUT_S", "ModalProvider", "ModalSandbox"]
+
+log = logging.getLogger("sandboxnb.providers.modal")
 
 DEFAULT_IMAGE = "python:3.11-slim"
 #: GPU types Modal schedules (case-insensitive); ``"TYPE:N"`` asks for N of them.
@@ -71,6 +81,7 @@ class ModalSandbox:
 
     sb: Any
     app_id: str
+    sandbox_id: str = ""
     tunnel: dict[str, Any] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     next_poll: float = 0.0
@@ -109,6 +120,7 @@ class ModalProvider(Provider):
         self.sdk = ModalSession(app_name, environment_name,
                                 (token_id, token_secret) if token_id and token_secret else None)
         self._unsent: set[str] = set()  # sandbox ids whose create failed before its RPC
+        self._sweeps: set[asyncio.Task[None]] = set()
 
     @classmethod
     def availability(cls) -> Availability:
@@ -160,8 +172,35 @@ class ModalProvider(Provider):
         except modal.exception.Error as err:
             raise ProviderError(f"modal: Sandbox.create failed ({type(err).__name__}: {err})"
                                 ) from err
-        return ModalSandbox(sb, app.app_id, phases={"setup_s": sent - started,
-                                                    "create_s": time.perf_counter() - sent})
+        self._unsent.discard(spec.sandbox_id)  # an earlier attempt's mark must not hide it
+        sweep = asyncio.ensure_future(self._sweep(spec.sandbox_id, sb.object_id))
+        self._sweeps.add(sweep)
+        sweep.add_done_callback(self._sweeps.discard)
+        return ModalSandbox(sb, app.app_id, spec.sandbox_id,
+                            phases={"setup_s": sent - started,
+                                    "create_s": time.perf_counter() - sent})
+
+    async def _sweep(self, sandbox_id: str, keep: str) -> None:
+        """Terminate copies of ``sandbox_id`` other than ``keep`` (the SDK's own retry of a
+        reset create can leave one behind)."""
+        try:
+            found = await self.list_sandboxes({f"{LABEL}.sandbox_id": sandbox_id})
+            for extra in found:
+                if extra.handle.sb.object_id != keep:
+                    log.warning("modal: sandbox %s had a duplicate (%s) from a retried create; "
+                                "terminating it", sandbox_id, extra.handle.sb.object_id)
+                    await self.destroy(extra.handle)
+                    self.retry_stats.duplicates_removed += 1
+        except Exception:
+            log.exception("modal: checking sandbox %s for duplicates failed; `sandboxnb gc` finds "
+                          "any left", sandbox_id)
+
+    def classify(self, err: Exception) -> retry.Fault | None:
+        return _classify(err)
+
+    async def adopt(self, found: Found, spec: LaunchSpec) -> ModalSandbox:
+        handle: ModalSandbox = found.handle
+        return handle
 
     async def address(self, handle: ModalSandbox) -> str:
         started = time.perf_counter()
@@ -188,8 +227,8 @@ class ModalProvider(Provider):
     async def destroy(self, handle: ModalSandbox) -> None:
         import modal
 
-        with contextlib.suppress(modal.exception.NotFoundError):
-            await handle.sb.terminate.aio()
+        await retry.destroy(self, handle.sandbox_id or handle.sb.object_id,
+                            handle.sb.terminate.aio, gone=(modal.exception.NotFoundError,))
 
     async def list_sandboxes(self, labels: Mapping[str, str]) -> list[Found]:
         import modal
@@ -199,17 +238,52 @@ class ModalProvider(Provider):
             self._unsent.discard(wanted)
             return []
         client, app = await self.sdk.open()
-        found = []
-        async for sb in modal.Sandbox.list.aio(app_id=app.app_id, tags=dict(labels),
-                                               client=client):
-            tags = dict(labels) if wanted else await sb.get_tags.aio()
-            found.append(Found(tags.get(f"{LABEL}.sandbox_id", sb.object_id),
-                               ModalSandbox(sb, app.app_id), tags))
-        return found
+
+        async def listing() -> list[Found]:
+            found = []
+            async for sb in modal.Sandbox.list.aio(app_id=app.app_id, tags=dict(labels),
+                                                   client=client):
+                tags = dict(labels) if wanted else await sb.get_tags.aio()
+                sid = tags.get(f"{LABEL}.sandbox_id", sb.object_id)
+                found.append(Found(sid, ModalSandbox(sb, app.app_id, sid), tags))
+            return found
+
+        return await retry.call(self, "list sandboxes", listing)
 
     async def aclose(self) -> None:
         await super().aclose()
+        if self._sweeps:
+            await asyncio.gather(*self._sweeps, return_exceptions=True)
         await self.sdk.close()
+
+
+#: gRPC codes the SDK gave up retrying, after which a create may or may not have happened.
+_UNCERTAIN_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN",
+                              "CANCELLED", "ABORTED"})
+
+
+def _classify(err: BaseException) -> retry.Fault | None:
+    """Modal's transient errors (found on ``err`` or its causes), else ``None``."""
+    import modal
+    from grpclib import GRPCError
+    from grpclib.exceptions import StreamTerminatedError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        status = getattr(seen, "_grpc_status", None)
+        if status is None and isinstance(seen, GRPCError):
+            status = seen.status
+        if status is not None:
+            name = getattr(status, "name", str(status))
+            if name == "RESOURCE_EXHAUSTED":
+                message = str(getattr(seen, "_grpc_message", "") or seen)
+                return None if "quota" in message.lower() else retry.Fault(retry.Kind.THROTTLED)
+            return retry.Fault(retry.Kind.UNCERTAIN) if name in _UNCERTAIN_CODES else None
+        if isinstance(seen, modal.exception.ConnectionError | OSError | StreamTerminatedError
+                      | TimeoutError):
+            return retry.Fault(retry.Kind.UNCERTAIN)
+        seen = seen.__cause__
+    return None
 
 
 def _refuse(field_name: str, value: Any, accepted: str) -> NoReturn:

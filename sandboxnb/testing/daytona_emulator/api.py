@@ -26,12 +26,14 @@ if TYPE_CHECKING:
     from sandboxnb.testing.daytona_emulator.emulator import DaytonaEmulator
 
 
-def api_error(status: int, message: str) -> web.Response:
+def api_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """A NestJS-style error body, as the real API sends."""
-    reason = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
-              500: "Internal Server Error", 501: "Not Implemented"}.get(status, "Error")
+    reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+              409: "Conflict", 429: "Too Many Requests", 500: "Internal Server Error",
+              501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+              504: "Gateway Timeout"}.get(status, "Error")
     return web.json_response({"statusCode": status, "message": message, "error": reason},
-                             status=status)
+                             status=status, headers=headers)
 
 
 class BadRequest(Exception):

@@ -29,6 +29,7 @@ from sandboxnb.testing.daytona_emulator.state import (
     SshToken,
 )
 from sandboxnb.testing.daytona_emulator.toolbox import Toolbox
+from sandboxnb.testing.faults import FaultPlan, FaultRule
 from sandboxnb.testing.isolation import IsolatedSandbox, SandboxHostError
 
 log = logging.getLogger("sandboxnb.testing.daytona_emulator")
@@ -43,7 +44,10 @@ class DaytonaEmulator:
     exit); leaving destroys every sandbox. ``minute_s`` is the length of one auto-stop minute in
     seconds (shorten it in tests). ``create_delay_s`` delays each create (the sandbox is listed
     as ``creating`` meanwhile). ``snapshot_build_s`` is how long a snapshot build takes;
-    images whose name starts with one of ``failing_images`` fail to build.
+    images whose name starts with one of ``failing_images`` fail to build. ``faults``
+    (:class:`~sandboxnb.testing.faults.FaultPlan`, by default from ``SANDBOXNB_EMULATOR_FAULTS``)
+    makes chosen routes (``"POST /sandbox"``) fail: an HTTP status (with ``Retry-After`` if the
+    rule has one) or ``reset`` (done, then the connection is dropped before the answer).
 
     What tests inspect: :attr:`created` (raw ``POST /sandbox`` bodies), :attr:`snapshot_creates`,
     :attr:`sandboxes` (id -> :class:`EmulatedSandbox`), :meth:`live_sandboxes`,
@@ -66,7 +70,9 @@ class DaytonaEmulator:
         max_gpu: int = 8,
         create_delay_s: float = 0.0,
         set_env: bool = True,
+        faults: FaultPlan | None = None,
     ) -> None:
+        self.faults = faults if faults is not None else FaultPlan.from_env()
         self.api_key = api_key or "emu-" + secrets.token_urlsafe(16)
         self.target, self.targets = target, tuple(targets)
         self.minute_s, self.snapshot_build_s = minute_s, snapshot_build_s
@@ -191,9 +197,18 @@ class DaytonaEmulator:
         self.requests.append((request.method, template))
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return api_error(401, "Unauthorized: missing or wrong bearer token")
+        fault = self.faults.take(f"{request.method} {template}")
+        if fault is not None and not fault.reset:
+            return _fault_response(request, fault)
         started = time.perf_counter()
         try:
-            return await handler(request)
+            response = await handler(request)
+            if fault is not None:  # carried out, but the answer never arrives
+                log.info("injected fault: %s %s done, then the connection dropped",
+                         request.method, template)
+                if request.transport is not None:
+                    request.transport.abort()
+            return response
         except SandboxHostError as err:
             log.warning("sandbox host error on %s %s: %s", request.method, request.path, err)
             return api_error(500, f"sandbox host error: {err}")
@@ -291,3 +306,16 @@ class DaytonaEmulator:
 
     def __repr__(self) -> str:
         return f"<DaytonaEmulator {self.api_url or 'stopped'} sandboxes={len(self.sandboxes)}>"
+
+
+def _fault_response(request: web.Request, fault: FaultRule) -> web.Response:
+    """The answer of an injected HTTP fault (``Retry-After`` when the rule has one)."""
+    try:
+        status = int(fault.error)
+    except ValueError:
+        return api_error(500, f"emulator: fault {fault.error!r} is neither an HTTP status nor "
+                              "'reset'")
+    headers = None if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+    log.info("injected fault: %s %s -> %d", request.method, request.path, status)
+    return api_error(status, fault.message or f"emulator: injected {status} on "
+                     f"{request.method} {request.path}", headers)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from grpclib.server import Server
 
+from sandboxnb.testing.faults import FaultPlan
 from sandboxnb.testing.modal_emulator._sandbox import CreateRecord
 from sandboxnb.testing.modal_emulator._servicer import ModalServicer
 from sandboxnb.testing.modal_emulator._tls import TunnelCertificates
@@ -34,6 +35,9 @@ class ModalEmulator:
 
     ``create_delay_s`` delays each create's answer (after the sandbox exists, as when a real
     control plane is slow); ``image_build_s`` is how long a new image takes to "build".
+    ``faults`` (:class:`~sandboxnb.testing.faults.FaultPlan`, by default from
+    ``SANDBOXNB_EMULATOR_FAULTS``) makes chosen RPCs fail: a gRPC status (a Retry-After travels as
+    Modal's ``RPCRetryPolicy`` detail) or ``reset`` (done, then the stream is reset).
     """
 
     def __init__(
@@ -43,7 +47,9 @@ class ModalEmulator:
         image_build_s: float = 0.05,
         tunnel_host: str = "localhost",
         set_env: bool = True,
+        faults: FaultPlan | None = None,
     ) -> None:
+        self.faults = faults if faults is not None else FaultPlan.from_env()
         self.create_delay_s = create_delay_s
         self.image_build_s = image_build_s
         self.tunnel_host = tunnel_host
@@ -88,7 +94,10 @@ class ModalEmulator:
         self._loop.run_forever()
 
     async def _serve(self) -> int:
-        self._server = Server([self.servicer])
+        from modal._utils.grpc_utils import custom_detail_codec
+
+        # Modal's codec packs modal.* details (RPCRetryPolicy) the way its control plane does
+        self._server = Server([self.servicer], status_details_codec=custom_detail_codec)
         await self._server.start("127.0.0.1", 0)
         sock = self._server._server.sockets[0]  # type: ignore[union-attr]
         return sock.getsockname()[1]

@@ -21,6 +21,7 @@ from grpclib.server import Stream
 from modal_proto import api_pb2
 from modal_proto.api_grpc import ModalClientBase
 
+from sandboxnb.testing.faults import FaultRule
 from sandboxnb.testing.modal_emulator._sandbox import CreateRecord, EmulatedSandbox
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ class ModalServicer(ModalClientBase):
         request = await stream.recv_message()
         started = time.perf_counter()
         self._check_auth(stream, name)
+        fault = self.emu.faults.take(name)
+        if fault is not None and not fault.reset:
+            raise _fault_error(name, fault)
         try:
             result = fn(request)
             if asyncio.iscoroutine(result):
@@ -96,6 +100,10 @@ class ModalServicer(ModalClientBase):
             raise
         finally:
             self.seconds[name] += time.perf_counter() - started
+        if fault is not None:  # carried out, but the answer never arrives: RST_STREAM
+            log.info("modal emulator: injected fault: %s done, then reset", name)
+            await stream.cancel()
+            return
         await stream.send_message(result)
 
     # -- client, environment, apps -----------------------------------------------------------
@@ -419,6 +427,22 @@ class ModalServicer(ModalClientBase):
 
     async def AppClientDisconnect(self, stream: Stream) -> None:
         await self._unary(stream, "AppClientDisconnect", lambda _: empty_pb2.Empty())
+
+
+def _fault_error(name: str, fault: FaultRule) -> GRPCError:
+    """The error of an injected fault; a Retry-After becomes Modal's ``RPCRetryPolicy``."""
+    try:
+        status = Status[fault.error.upper()]
+    except KeyError:
+        raise GRPCError(Status.INTERNAL, f"emulator: fault {fault.error!r} on {name} is not a "
+                        f"gRPC status; accepted: reset, {', '.join(s.name for s in Status)}"
+                        ) from None
+    details = None
+    if fault.retry_after is not None:
+        details = [api_pb2.RPCRetryPolicy(retry_after_secs=fault.retry_after)]
+    log.info("modal emulator: injected fault: %s -> %s", name, status.name)
+    return GRPCError(status, fault.message or f"emulator: injected {status.name} on {name}",
+                     details)
 
 
 def _unimplemented(name: str) -> Callable[..., Any]:
