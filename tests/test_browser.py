@@ -343,3 +343,155 @@ def _dark_theme(page) -> None:
     page.wait_for_function(
         "document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
     page.locator("#jupyterlab-splash").wait_for(state="detached", timeout=30_000)
+
+
+# ---- Cancel and Kernel > Interrupt during a blocking `%sandbox run` ------------------------------
+
+_CONTROL_CELLS = [
+    # 0: an agent whose rollouts wait 600 s, except HumanEval/0 which answers at once
+    "import asyncio\n%load_ext sandboxnb\nfrom sandboxnb.agents import oracle\n"
+    "async def slow(sandbox, task):\n"
+    "    with open({marks!r}, 'a') as marks:\n"
+    "        marks.write(task.id + ' ')\n"
+    "    if task.id != 'HumanEval/0':\n"
+    "        await asyncio.sleep(600)\n"
+    "    return await oracle(sandbox, task)",
+    # 1: a run that would take 20 x 600 s
+    "%sandbox run humaneval --agent slow --limit 40 --max-concurrent 2 -o df "
+    "--journal {j1}",
+    # 2
+    "print('DF', _sandbox_run.status, len(df), sorted(map(str, df['status'])))",
+    # 3: the same, to be interrupted from the Kernel menu
+    "%sandbox run humaneval --agent slow --limit 40 --max-concurrent 2 -o df2 "
+    "--journal {j2}",
+    # 4: run by hand after the interrupt (Run All stops at the interrupted cell)
+    "print('DF2', _sandbox_run.status, len(df2), sorted(map(str, df2['status'])))",
+]
+
+
+def _control_notebook(path: Path, **paths: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src.format(**paths)) for src in _CONTROL_CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, path)
+
+
+def _open_notebook(page, url: str, PlaywrightTimeout) -> None:
+    """Open a notebook and wait for its kernel; a loaded machine can fail a fetch ("File Load
+    Error"), so a failed opening is dismissed and tried again."""
+    for attempt in range(3):
+        page.goto(url)
+        try:
+            page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+            with contextlib.suppress(PlaywrightTimeout):  # "Select Kernel" on first open
+                page.locator(".jp-Dialog button", has_text="Select").first.click(
+                    timeout=15_000)
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+                timeout=90_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+
+
+def _menu(page, menu: str, item: str) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+
+
+def test_cancel_and_interrupt_a_blocking_run_from_jupyterlab(jupyterlab, tmp_path):
+    """Cancel, clicked while `%sandbox run` blocks the cell, ends the run within seconds (the run
+    would take > 3 hours) and df holds the rows so far; so does Kernel > Interrupt. The monitor
+    shows one final state. Screenshots go to artifacts/screenshots/."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `sudo scripts/setup-browser`")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect, sync_playwright
+
+    base, server = jupyterlab
+    j1, j2 = tmp_path / "cancelled.jsonl", tmp_path / "interrupted.jsonl"
+    marks = tmp_path / "marks"  # the agent notes each rollout it starts
+    _control_notebook(tmp_path / "work" / "control.ipynb", j1=str(j1), j2=str(j2),
+                      marks=str(marks))
+    keep = ROOT / "artifacts" / "screenshots"
+    keep.mkdir(parents=True, exist_ok=True)
+    _set_subreaper(True)
+    try:
+        with sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+                args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1400},
+            )
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            try:
+                timings = _cancel_then_interrupt(page, base, keep, marks, expect,
+                                                 PlaywrightTimeout)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(keep / "control-failure.png"), full_page=True)
+                raise
+            finally:
+                context.close()
+    finally:
+        _reap_browser_children()
+        _set_subreaper(False)
+    print(f"click -> final state {timings['cancel']:.2f}s; interrupt -> one line "
+          f"{timings['interrupt']:.2f}s")
+    assert not alive(sandbox_server_pids()) & descendants(server.pid)
+
+
+def _started(marks: Path, count: int) -> None:
+    wait_until(lambda: marks.exists() and len(marks.read_text().split()) >= count, 60,
+               f"{count} rollouts to reach the agent")
+
+
+def _cancel_then_interrupt(page, base, keep, marks, expect,
+                           PlaywrightTimeout) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    _open_notebook(page, f"{base}/lab/tree/control.ipynb", PlaywrightTimeout)
+    _menu(page, "Run", "Run All Cells")
+    cells = page.locator(".jp-Notebook .jp-CodeCell")
+
+    # 1) Cancel from the monitor while the cell blocks
+    monitor = cells.nth(1).locator(".sandboxnb-monitor")
+    expect(monitor).to_contain_text("1/40", timeout=120_000)  # >= 1 row done: the run is on
+    expect(cells.nth(1)).to_contain_text("journal: ")  # printed when the run starts
+    _started(marks, 3)  # HumanEval/0 done, 1 and 2 in flight
+    began = time.monotonic()
+    monitor.locator(".sandboxnb-cancel").click()
+    expect(monitor).to_contain_text("status: cancelled", timeout=30_000)
+    timings["cancel"] = time.monotonic() - began
+    assert timings["cancel"] < 5, f"Cancel took {timings['cancel']:.1f}s (the run takes hours)"
+    expect(monitor).not_to_contain_text("cancelling")
+    expect(monitor.locator(".sandboxnb-cancel")).to_be_disabled()
+    expect(cells.nth(1)).to_contain_text("cancelled: 1/40 rollouts finished (2 cancelled)")
+    monitor.screenshot(path=str(keep / "control-1-cancelled-monitor.png"))
+    # the next cell reads df back: the rows so far
+    expect(cells.nth(2)).to_contain_text(
+        "DF cancelled 3 ['cancelled', 'cancelled', 'ok']", timeout=60_000)
+
+    # 2) Kernel > Interrupt during the next run
+    monitor2 = cells.nth(3).locator(".sandboxnb-monitor")
+    expect(monitor2).to_contain_text("1/40", timeout=120_000)
+    _started(marks, 6)
+    began = time.monotonic()
+    _menu(page, "Kernel", "Interrupt Kernel")
+    expect(cells.nth(3)).to_contain_text("interrupted: 1/40 rollouts finished (2 cancelled); "
+                                         "3 rows in df2", timeout=30_000)
+    timings["interrupt"] = time.monotonic() - began
+    assert timings["interrupt"] < 10, f"interrupt took {timings['interrupt']:.1f}s"
+    expect(cells.nth(3)).to_contain_text("--resume` runs the other 39")
+    expect(cells.nth(3)).not_to_contain_text("Traceback")
+    expect(monitor2).to_contain_text("status: cancelled")
+    cells.nth(3).screenshot(path=str(keep / "control-2-interrupted-cell.png"))
+    _wait_kernels_idle(base, timeout=60, stable_s=1)
+    cells.nth(4).click()
+    page.keyboard.press("Shift+Enter")
+    expect(cells.nth(4)).to_contain_text(
+        "DF2 cancelled 3 ['cancelled', 'cancelled', 'ok']", timeout=60_000)
+    page.screenshot(path=str(keep / "control-3-notebook.png"), full_page=True)
+    return timings

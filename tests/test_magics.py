@@ -364,3 +364,103 @@ def test_ls_shows_a_sandbox_whose_server_died(ip):
     assert row["state"] == "ended" and "its server went away" in row["error"], row
     ip.run_line_magic("sandbox", "stop --all")
     assert manager().records() == [] and "doomed" not in ip.user_ns
+
+
+def _plan_of_one():
+    from sandboxnb.plan import make_plan
+
+    return make_plan([{"id": "a", "grader": {"type": "match", "expected": "1"}}], "oracle",
+                     journal=None)
+
+
+def test_monitor_shows_one_final_state_after_a_late_cancel():
+    """A Cancel click handled after the run ended (or racing with its end) never leaves
+    "cancelling..." beside a finished run: the monitor shows the run's final status."""
+    import asyncio
+
+    from sandboxnb.notebook.widgets import Monitor
+    from sandboxnb.scheduler import Run
+
+    run = Run(_plan_of_one())
+    asyncio.run(run.wait())
+    assert run.status == "done"
+    mon = Monitor(run)
+    try:
+        mon.cancel_button.click()
+        assert "cancelling" not in mon.status.value and "<b>done</b>" in mon.status.value
+        assert mon.cancel_button.disabled
+    finally:
+        mon.close()
+    pending = Run(_plan_of_one())  # never started: a Cancel ends it at once
+    mon = Monitor(pending)
+    try:
+        mon.cancel_button.click()
+        assert pending.status == "cancelled"
+        assert "<b>cancelled</b>" in mon.status.value, mon.status.value
+    finally:
+        mon.close()
+
+
+def test_run_resume_needs_the_journal(ip):
+    for flag in ("--resume", "--force-resume"):
+        with pytest.raises(UsageError, match=f"{flag} continues an existing journal: give its "
+                                             "path with --journal PATH"):
+            ip.run_line_magic("sandbox", f"run humaneval --agent oracle --limit 2 {flag}")
+    assert manager().records() == [] and not live_sandbox_servers()
+
+
+def test_interrupted_run_binds_its_rows_and_resumes(ip, tmp_path, capsys):
+    """SIGINT during `%sandbox run -o df` (in-process shell): df, _sandbox_run and one line; the
+    journal path is printed when the run starts; --resume runs only what is missing."""
+    import asyncio
+
+    from sandboxnb.agents import oracle
+    from sandboxnb.notebook.loop import Interrupted
+
+    calls: list[str] = []
+    hold = {"s": 600.0}
+
+    async def slow(sandbox, task):
+        calls.append(task.id)
+        if task.id != "HumanEval/0":
+            await asyncio.sleep(hold["s"])
+        return await oracle(sandbox, task)
+
+    ip.user_ns["slow"] = slow
+    journal = tmp_path / "j.jsonl"
+    line = f"run humaneval --agent slow --limit 4 --max-concurrent 2 -o df --journal {journal}"
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        with contextlib.suppress(AssertionError):  # interrupt anyway; the test then fails
+            wait_until(lambda: journal.exists() and journal.read_text().count("\n") >= 2, 30,
+                       "HumanEval/0's row")
+            wait_until(lambda: len(calls) >= 3, 30, "two slow rollouts in flight")
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ip.run_line_magic("sandbox", line)
+    assert isinstance(caught.value, Interrupted) and type(caught.value).__name__ == \
+        "KeyboardInterrupt"
+    (shown,) = caught.value._render_traceback_()
+    assert "interrupted: 1/4 rollouts finished (2 cancelled); 3 rows in df" in shown
+    assert f"journal {journal}" in shown
+    assert f"--journal {journal} --resume` runs the other 3" in shown
+    assert f"journal: {journal}\n" in capsys.readouterr().out
+    df, run = ip.user_ns["df"], ip.user_ns["_sandbox_run"]
+    assert sorted(map(str, df["status"])) == ["cancelled", "cancelled", "ok"]
+    assert run.status == "cancelled" and run.journal_path == journal
+    # the line the message offers continues the run: only the 3 missing rollouts run
+    hold["s"] = 0
+    calls.clear()
+    resume = shown.split("`")[1]
+    assert resume.startswith("%sandbox run humaneval --agent slow --limit 4")
+    ip.run_line_magic("sandbox", resume.removeprefix("%sandbox "))
+    assert sorted(calls) == ["HumanEval/1", "HumanEval/2", "HumanEval/3"]
+    out = capsys.readouterr().out
+    assert f"journal: {journal} (resumed: 1 rows kept, 3 to run)" in out
+    df = ip.user_ns["df"]
+    assert len(df) == 4 and set(map(str, df["status"])) == {"ok"} and df["task_id"].is_unique
+    assert ip.user_ns["_sandbox_run"].status == "done"
+    assert not live_sandbox_servers()

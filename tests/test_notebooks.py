@@ -106,14 +106,18 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
         assert took < 10, f"interrupt took {took:.1f}s"
+        (shown,) = content["traceback"]  # one line, not the library's traceback
+        assert "interrupted: remote work cancelled; the one-shot sandbox was released" in shown
         wait_until(lambda: _kernel_servers(kernel_pid) == servers_before, 5,
                    "the one-shot sandbox to end (it must not survive the interrupt)")
         # 2) a Python cell in the interactive sandbox: the worker stops, the namespace survives
-        assert _execute(kc, "%%sandbox sb\nkept = 'yes'")["status"] == "ok"
+        _ok_after_error(kc, "%%sandbox sb\nkept = 'yes'")
         msg_id = kc.execute("%%sandbox sb\nimport time\ntime.sleep(1000)")
         time.sleep(1.5)
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and took < 10
+        assert content["traceback"] == ["\x1b[33minterrupted: remote work cancelled; sandbox sb "
+                                        "intact\x1b[0m"], content["traceback"]
         # 3) a shell cell: the remote process is killed
         marker = "sleep 1000.25"
         msg_id = kc.execute(f"%%sandbox sb --bash\n{marker}")
@@ -122,9 +126,7 @@ def test_interrupt_cancels_sandbox_cell(no_account):
         assert content["status"] == "error" and took < 10
         wait_until(lambda: not _ours_with(marker), 5,
                    "the remote process to end (it must not survive the interrupt)")
-        reply = kc.execute_interactive("%%sandbox sb\nkept", timeout=60,
-                                       output_hook=lambda msg: None)
-        assert reply["content"]["status"] == "ok"
+        _ok_after_error(kc, "%%sandbox sb\nkept", timeout=60)
         assert _execute(kc, "%unload_ext sandboxnb")["status"] == "ok"
         assert not _kernel_servers(kernel_pid)
     assert not live_sandbox_servers()
@@ -207,8 +209,8 @@ def test_sandboxes_live_on_the_kernel_loop(no_account):
         took, content = _interrupt_and_time(km, kc, msg_id)
         assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
         assert took < 10
-        text = _ok(kc, "print('after:', (await sb.exec('echo ok')).stdout.strip())\n"
-                       "%sandbox stop --all")
+        text = _ok_after_error(kc, "print('after:', (await sb.exec('echo ok')).stdout.strip())\n"
+                                   "%sandbox stop --all")
         assert "after: ok" in text
         assert not _kernel_servers(km.provisioner.pid)
     assert not live_sandbox_servers()
@@ -266,4 +268,139 @@ def test_background_run_displays_as_live_monitor(no_account):
     assert "text/plain" in shown and "<Run humaneval" in shown["text/plain"]
     assert "another cell while it runs: True" in nb.cells[2].outputs[0]["text"]
     assert "10/10 rollouts (ok 10); mean reward 1.000" in nb.cells[3].outputs[0]["text"]
+    assert not live_sandbox_servers()
+
+
+_SLOW_AGENT = """import asyncio, sandboxnb
+%load_ext sandboxnb
+from sandboxnb.agents import oracle
+from sandboxnb.tasks import Taskset
+from sandboxnb.tasksets import humaneval
+
+tasks = Taskset(list(humaneval.load())[:{n}], name='h{n}')
+FAST = {fast!r}     # these tasks answer at once; the others wait `pause` seconds
+pause = 600
+calls = []
+
+async def slow(sandbox, task):
+    calls.append(task.id)
+    with open({marks!r}, 'a') as marks:  # the test process watches the agent start
+        marks.write(task.id + '\\n')
+    if task.id not in FAST:
+        await asyncio.sleep(pause)
+    return await oracle(sandbox, task)
+"""
+
+
+def _ok_after_error(kc, code: str, timeout: float = 120) -> str:
+    """``_ok`` for the first cell after a failed one: a request that reaches the kernel before
+    it stops aborting (its stop-on-error of the cells queued behind the failure) is aborted;
+    send it again then."""
+    result: list[str] = []
+
+    def ran() -> bool:
+        content, text = _run(kc, code, timeout)
+        if content["status"] == "aborted":
+            return False
+        assert content["status"] == "ok", text
+        result.append(text)
+        return True
+
+    wait_until(ran, 30, "the kernel to take cells again after the error", interval=0.2)
+    return result[0]
+
+
+def _journal_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "task_id" in r]
+
+
+def _cancel_button_comm(kc, msg_id: str, timeout: float = 60) -> str:
+    """The comm id of the Cancel button the cell ``msg_id`` displayed (what a browser clicks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["msg_type"] != "comm_open" or msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        state = msg["content"]["data"].get("state", {})
+        if state.get("_model_name") == "ButtonModel" and state.get("description") == "Cancel":
+            return msg["content"]["comm_id"]
+    raise AssertionError("the monitor's Cancel button never appeared")
+
+
+def _click(kc, comm_id: str) -> None:
+    """The comm message a browser sends when a Button is clicked."""
+    msg = kc.session.msg("comm_msg", {"comm_id": comm_id,
+                                      "data": {"method": "custom", "content": {"event": "click"}}})
+    kc.shell_channel.send(msg)
+
+
+def _reply(kc, msg_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply["content"]
+
+
+@pytest.mark.slow
+def test_cancel_click_stops_a_blocking_run(no_account):
+    """The monitor's Cancel, clicked while `%sandbox run` blocks the cell, ends the run at once:
+    the comm message is handled during the cell, not after it; df holds the rows so far."""
+    journal = no_account / "cancel.jsonl"
+    with _kernel() as (km, kc):
+        _ok(kc, _SLOW_AGENT.format(n=40, fast=["HumanEval/0"], marks=str(no_account / "m")))
+        msg_id = kc.execute(f"%sandbox run tasks --agent slow --max-concurrent 2 -o df "
+                            f"--journal {journal}")
+        comm_id = _cancel_button_comm(kc, msg_id)
+        wait_until(lambda: len(_journal_rows(journal)) >= 1, 60, "one row to finish")
+        wait_until(lambda: len((no_account / "m").read_text().split()) >= 3, 30,
+                   "two slow rollouts in flight (in the agent)")
+        began = time.monotonic()
+        _click(kc, comm_id)
+        content = _reply(kc, msg_id, timeout=60)
+        took = time.monotonic() - began
+        assert content["status"] == "ok", content
+        assert took < 5, f"the run ended {took:.1f}s after the click (the rollouts sleep 600 s)"
+        text = _ok(kc, "print(_sandbox_run.status, sorted(map(str, df['status'])))")
+        # HumanEval/0 finished; the two rollouts in flight (1 and 2) were cancelled
+        assert "cancelled ['cancelled', 'cancelled', 'ok']" in text, text
+        assert not _kernel_servers(km.provisioner.pid)
+    assert not live_sandbox_servers()
+
+
+@pytest.mark.slow
+def test_interrupt_keeps_the_rows_and_resume_finishes_the_run(no_account):
+    """Kernel > Interrupt during `%sandbox run -o df` binds df and _sandbox_run, says so in one
+    line, and `--resume` runs exactly the rollouts the journal does not hold yet."""
+    journal = no_account / "interrupted.jsonl"
+    fast = [f"HumanEval/{i}" for i in range(4)]
+    line = f"%sandbox run tasks --agent slow --max-concurrent 3 -o df --journal {journal}"
+    with _kernel() as (km, kc):
+        marks = no_account / "marks"
+        _ok(kc, _SLOW_AGENT.format(n=10, fast=fast, marks=str(marks)))
+        msg_id = kc.execute(line)
+        wait_until(lambda: len(_journal_rows(journal)) >= 4, 60, "the fast rows to finish")
+        wait_until(lambda: len(marks.read_text().split()) >= 7, 30,
+                   "three slow rollouts in flight (in the agent)")
+        took, content = _interrupt_and_time(km, kc, msg_id)
+        assert took < 10, f"interrupt took {took:.1f}s"
+        assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
+        (shown,) = content["traceback"]  # one line, no library traceback
+        assert "interrupted: 4/10 rollouts finished (3 cancelled)" in shown, shown
+        assert "7 rows in df" in shown and str(journal) in shown and "--resume" in shown
+        text = _ok_after_error(kc, "print(_sandbox_run.status, sorted(map(str, df['status'])))")
+        assert f"cancelled {['cancelled'] * 3 + ['ok'] * 4}" in text, text
+        # resume: only the 6 rollouts the journal lacks run (the cancelled ones again)
+        text = _ok(kc, f"pause = 0\ncalls.clear()\n{line} --resume\n"
+                       "print('calls', sorted(calls))", timeout=300)
+        assert f"journal: {journal}" in text.splitlines()[0], text
+        missing = sorted(f"HumanEval/{i}" for i in range(4, 10))
+        assert f"calls {missing}" in text, text
+        text = _ok(kc, "print(_sandbox_run.status, len(df), sorted(set(df['status'])), "
+                       "df['task_id'].is_unique)")
+        assert "done 10 ['ok'] True" in text, text
+        assert not _kernel_servers(km.provisioner.pid)
     assert not live_sandbox_servers()

@@ -13,6 +13,15 @@ runs (``sandboxnb.start``) and sandbox heartbeats share it and keep running betw
   the work task: a ``KeyboardInterrupt`` raised in whatever callback happens to run at that
   moment would kill an unrelated task (a connection's reader, a heartbeat, a background run).
   ``KeyboardInterrupt`` is raised in the cell once the task has unwound.
+* While it blocks, widget clicks still arrive: ipykernel >= 7 handles each message of the main
+  shell in one shared ``contextvars.Context``, the one the blocking cell runs in, and a nested
+  loop cannot enter a Context that is already entered (``nest_asyncio2`` defers such handles
+  until the nested run ends, which held a Cancel click back until the cell finished).
+  :func:`run_blocking` therefore takes the comm messages (``comm_msg``, ``comm_open``,
+  ``comm_close``) of the main shell itself and dispatches them in a fresh Context, the way
+  ipykernel dispatches them during an ``await``-ing cell; every other message (queued cells)
+  keeps its order and waits for the cell. ipykernel routes a click to the main shell whenever
+  the widget last published from it, subshells or not.
 * Outside a kernel (terminal IPython, an in-process ``InteractiveShell``) no loop runs between
   cells; the kernel loop is then IPython's own asyncio loop (the one top-level ``await`` uses),
   which :func:`run_blocking` drives with a plain ``run_until_complete``. Its tasks (heartbeats)
@@ -29,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import signal
 import threading
 import time
@@ -36,6 +46,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = [
+    "Interrupted",
     "Job",
     "forget_kernel_loop",
     "kernel_loop",
@@ -48,6 +59,22 @@ __all__ = [
 T = TypeVar("T")
 
 _kernel_loop: asyncio.AbstractEventLoop | None = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Kernel > Interrupt ended a magic's work cleanly: IPython shows the one-line ``message``
+    instead of a traceback through the library. Still a ``KeyboardInterrupt`` (and reported
+    under that name, the ``ename`` front ends look for), so "Run All" stops here."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[33m{self.message}\x1b[0m"]
+
+
+Interrupted.__name__ = "KeyboardInterrupt"
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -210,6 +237,7 @@ def _drive(
     task = loop.create_task(coro)
     interrupted = False
     deadline: float | None = None
+    stop_pumping = _dispatch_comms_meanwhile(loop)
 
     def on_sigint(_signum: int, _frame: Any) -> None:
         nonlocal interrupted
@@ -233,11 +261,69 @@ def _drive(
                 on_tick()
     finally:
         restore()
+        stop_pumping()
     if interrupted:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: the interrupt wins
         raise KeyboardInterrupt
     return task.result()
+
+
+_COMM_TYPES = frozenset({"comm_msg", "comm_open", "comm_close"})
+
+
+def _dispatch_comms_meanwhile(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """While a magic blocks the kernel's main shell, dispatch the comm messages it receives at
+    once (see the module docstring); return a function that restores the kernel's own handling.
+    Outside an ipykernel kernel (or one laid out differently) this does nothing."""
+    kernel = _kernel()
+    stream = _main_shell_stream(kernel)
+    original = getattr(stream, "_recv_callback", None)
+    if kernel is None or stream is None or original is None or \
+            not callable(getattr(kernel, "shell_main", None)):
+        return lambda: None
+    copy = getattr(stream, "_recv_copy", False)
+
+    def on_recv(msg: list[Any]) -> Any:
+        if _msg_type(kernel, msg, copy) in _COMM_TYPES:
+            # a fresh Context: the kernel's shared one is entered by the blocking cell
+            return loop.create_task(kernel.shell_main(None, msg),
+                                    context=contextvars.Context())
+        return original(msg)
+
+    stream.on_recv(on_recv, copy=copy)
+    return lambda: stream.on_recv(original, copy=copy)
+
+
+def _kernel() -> Any:
+    """The running ipykernel kernel, or None (terminal IPython, a plain shell)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - the notebook layer needs IPython
+        return None
+    shell = get_ipython()
+    return getattr(shell, "kernel", None) if shell is not None else None
+
+
+def _main_shell_stream(kernel: Any) -> Any:
+    """The ZMQ stream on which the kernel's main thread receives its shell messages: from the
+    shell channel thread when the kernel has subshells (ipykernel >= 7), else the shell socket's."""
+    if kernel is None or threading.current_thread() is not threading.main_thread():
+        return None
+    thread = getattr(kernel, "shell_channel_thread", None)
+    if thread is not None:
+        pair = getattr(getattr(thread, "manager", None), "_shell_channel_to_main", None)
+        return getattr(pair, "to_stream", None)
+    return getattr(kernel, "shell_stream", None)
+
+
+def _msg_type(kernel: Any, msg: list[Any], copy: bool) -> str | None:
+    """The type of a raw shell message (only its header is decoded)."""
+    try:
+        _, frames = kernel.session.feed_identities(msg, copy=copy)
+        return kernel.session.deserialize(frames, content=False, copy=copy)["header"]["msg_type"]
+    except Exception:  # malformed: leave it to the kernel, which logs it
+        return None
 
 
 def _swap_sigint(handler: Callable[[int, Any], None]) -> Callable[[], None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import queue
+import shlex
 import sys
 from typing import Any
 
@@ -21,7 +22,7 @@ from traitlets.config import Configurable
 from sandboxnb import options
 from sandboxnb.errors import ConfigError, SandboxnbError
 from sandboxnb.notebook.handle import SandboxHandle
-from sandboxnb.notebook.loop import remember_kernel_loop, run_blocking
+from sandboxnb.notebook.loop import Interrupted, remember_kernel_loop, run_blocking
 from sandboxnb.notebook.reprs import ProvidersTable, SandboxTable, format_age, provider_rows
 from sandboxnb.notebook.sandboxes import SandboxManager, manager, validate_launch
 
@@ -78,6 +79,11 @@ def _line_parser() -> _Parser:
                      help="only the first N tasks (after --tasks)")
     options.add_rollout_timeout(run)
     run.add_argument("--journal", help="JSONL file that receives every row as it finishes")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the --journal of an unfinished run: only its missing "
+                          "rollouts run")
+    run.add_argument("--force-resume", action="store_true", dest="force_resume",
+                     help="continue the --journal even though its header shows another run")
     run.add_argument("-o", "--output", dest="output", help="store the results DataFrame here")
     options.add_runtime_arguments(run)
     return parser
@@ -119,6 +125,42 @@ def _check_name(value: str | None, flag: str) -> None:
             options.check_variable_name(value, flag)
         except ConfigError as err:
             raise UsageError(str(err)) from None
+
+
+def _resume_line(args: argparse.Namespace, journal: Any) -> str:
+    """The ``%sandbox run`` line that continues this run from its journal."""
+    words = shlex.split(getattr(args, "line", "") or "run")
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("--resume", "--force-resume"):
+            continue
+        elif word == "--journal":
+            skip = True
+        elif not word.startswith("--journal="):
+            kept.append(word)
+    return " ".join(["%sandbox", *map(shlex.quote, kept), "--journal",
+                     shlex.quote(str(journal)), "--resume"])
+
+
+def _ended_line(how: str, run: Any, args: argparse.Namespace) -> str:
+    """One line on a run that ended early: what finished, where the rows and the journal are,
+    and how to continue it."""
+    counts = run.counts()
+    cancelled = counts.get("cancelled", 0)
+    finished = len(run.rows) - cancelled
+    where = args.output or "_sandbox_run"
+    line = (f"{how}: {finished}/{run.total} rollouts finished ({cancelled} cancelled); "
+            f"{len(run.rows)} rows in {where}")
+    if run.journal_path is not None:
+        line += f"; journal {run.journal_path}"
+        if finished < run.total:
+            line += (f"; `{_resume_line(args, run.journal_path)}` runs the other "
+                     f"{run.total - finished}")
+    if not run.done():
+        line += "; the run is still releasing its sandboxes"
+    return line
 
 
 class RemoteCellError(SandboxnbError):
@@ -217,7 +259,8 @@ class SandboxMagics(Magics, RuntimeDefaults):
           %sandbox doctor [PROVIDER] [runtime options]
           %sandbox run TASKSET --agent AGENT [--runtime PROVIDER] [--max-concurrent N]
                        [--repeats N] [--tasks GLOBS] [--limit N] [--rollout-timeout SECONDS]
-                       [--journal PATH] [-o VAR] [runtime options]
+                       [--journal PATH [--resume | --force-resume]] [-o VAR]
+                       [runtime options]
 
         Cell magic (runs the cell in a sandbox: Python in its persistent namespace, or a shell
         script with --bash; output streams live; Kernel > Interrupt cancels it remotely)::
@@ -232,6 +275,7 @@ class SandboxMagics(Magics, RuntimeDefaults):
         if cell is not None:
             return self._cell(line, cell)
         args = LINE_PARSER.parse_argstring(line)
+        args.line = line
         if args.command is None:
             raise UsageError(
                 "%sandbox needs a subcommand: launch, ls, stop, providers, doctor or run "
@@ -323,6 +367,9 @@ class SandboxMagics(Magics, RuntimeDefaults):
         self.shell.user_ns["_sandbox_doctor"] = report
 
     def _cmd_run(self, args: argparse.Namespace) -> Any:
+        """Run a taskset, blocking the cell with a live monitor. On every way out (done,
+        cancelled from the monitor, Kernel > Interrupt, failed) the rows so far go to ``-o NAME``
+        and the run to ``_sandbox_run``, and one line says where they and the journal are."""
         from IPython.display import display
 
         from sandboxnb.notebook import monitor
@@ -330,6 +377,10 @@ class SandboxMagics(Magics, RuntimeDefaults):
         from sandboxnb.tasks import Taskset
 
         _check_name(args.output, "-o")
+        if (args.resume or args.force_resume) and not args.journal:
+            flag = "--force-resume" if args.force_resume else "--resume"
+            raise UsageError(f"%sandbox run {flag} continues an existing journal: give its path "
+                             "with --journal PATH (the run's first line printed it)")
         runtime = args.runtime or self.default_provider
         ns = self.shell.user_ns
         taskset_arg = ns.get(args.taskset, args.taskset) if args.taskset.isidentifier() and \
@@ -350,13 +401,17 @@ class SandboxMagics(Magics, RuntimeDefaults):
         holder: dict[str, Any] = {}
 
         async def go() -> Any:
-            run = start(
+            # started here, on the kernel loop (a plain shell runs no loop between cells)
+            run = holder["run"] = start(
                 tasks, agent, runtime, config=config,
                 max_concurrent=args.max_concurrent or self.max_concurrent,
                 repeats=args.repeats, timeout_s=args.rollout_timeout_s,
                 journal=args.journal or "auto",
+                resume="force" if args.force_resume else args.resume,
             )
-            holder["run"] = run
+            kept = len(run.rows)
+            print(f"journal: {run.journal_path}" + (
+                f" (resumed: {kept} rows kept, {run.total - kept} to run)" if kept else ""))
             display(monitor(run))  # live: progress, counts, mean reward, histogram
             try:
                 return await run
@@ -368,15 +423,35 @@ class SandboxMagics(Magics, RuntimeDefaults):
         try:
             run = run_blocking(go())
         except (ValueError, FileExistsError, FileNotFoundError) as err:
-            if "run" in holder:
+            if "run" not in holder:  # refused before anything started
+                raise UsageError(str(err)) from None
+            self._ended(holder["run"], args)
+            raise
+        except KeyboardInterrupt:
+            if "run" not in holder:
                 raise
-            raise UsageError(str(err)) from None
+            self._bind(holder["run"], args)
+            raise Interrupted(_ended_line("interrupted", holder["run"], args)) from None
+        except BaseException:
+            if "run" in holder:
+                self._ended(holder["run"], args)
+            raise
         print(run.summary() + (f"; journal {run.journal_path}" if run.journal_path else ""))
+        self._bind(run, args)
         if args.output:
-            ns[args.output] = run.to_pandas()
             print(f"{len(run.rows)} rows -> {args.output} (a pandas DataFrame)")
-        ns["_sandbox_run"] = run
-        return None
+        if run.status != "done":
+            print(_ended_line(run.status, run, args))
+
+    def _ended(self, run: Any, args: argparse.Namespace) -> None:
+        """A run that failed: bind what it has, say so in one line before the error shows."""
+        self._bind(run, args)
+        print(_ended_line(run.status if run.done() else "failed", run, args), file=sys.stderr)
+
+    def _bind(self, run: Any, args: argparse.Namespace) -> None:
+        if args.output:
+            self.shell.user_ns[args.output] = run.to_pandas()
+        self.shell.user_ns["_sandbox_run"] = run
 
     # ---- cell magic --------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> Any:
@@ -433,6 +508,11 @@ class SandboxMagics(Magics, RuntimeDefaults):
         except RemotePythonError as err:
             streamer.flush()
             raise RemoteCellError(str(err), err.traceback or str(err)) from None
+        except KeyboardInterrupt:
+            streamer.flush()
+            raise Interrupted("interrupted: remote work cancelled; " + (
+                f"sandbox {record.name} intact" if record is not None
+                else "the one-shot sandbox was released")) from None
         if args.output:
             self.shell.user_ns[args.output] = result
         if args.bash:

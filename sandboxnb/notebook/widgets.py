@@ -340,6 +340,7 @@ class Monitor(w.VBox):
         self.state = MonitorState(run)
         self._lock = threading.RLock()
         self._closed = False
+        self._cancel_requested = False
         self._tick_task: Any = None
         self.progress = w.IntProgress(value=0, min=0, max=max(int(run.total or 0), 1),
                                       description="rollouts")
@@ -362,6 +363,7 @@ class Monitor(w.VBox):
                                  layout=w.Layout(display="none"))
         self.cancel_button = w.Button(description="Cancel", icon="stop", button_style="warning")
         self.cancel_button.on_click(self._on_cancel)
+        self.cancel_button.add_class("sandboxnb-cancel")
         self.status = w.HTML("")
         self.compact = w.HTML("")
         self.compact.add_class("sandboxnb-compact-line")
@@ -436,9 +438,9 @@ class Monitor(w.VBox):
             for view, row in zip(self.newest_rows,
                                  snap["newest"] + [None] * len(self.newest_rows), strict=False):
                 view.show(row)
-            self.status.value = f"status: <b>{escape(snap['status'])}</b>"
+            self.status.value = _status_text(snap, self._cancel_requested)
             self.compact.value = compact_html(snap)
-            if snap["finished"]:
+            if snap["finished"] or self._cancel_requested:
                 self.cancel_button.disabled = True
             self._show_body()
 
@@ -466,9 +468,9 @@ class Monitor(w.VBox):
         self.detail_box.layout.display = ""
 
     def _on_cancel(self, *_: Any) -> None:
-        self.cancel_button.disabled = True
-        self.status.value = "status: <b>cancelling...</b>"
+        self._cancel_requested = True
         self.run.cancel()
+        self.refresh()  # "cancelling..." until the run's end redraws it, or its final state
 
     def close(self) -> None:
         self._closed = True
@@ -479,3 +481,11 @@ class Monitor(w.VBox):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing ticks
                 task.get_loop().call_soon_threadsafe(task.cancel)
         super().close()
+
+
+def _status_text(snap: dict[str, Any], cancel_requested: bool) -> str:
+    """One status: the run's final one once it ended, else "cancelling..." after a click."""
+    status = snap["status"]
+    if cancel_requested and not snap["finished"]:
+        status = "cancelling..."
+    return f"status: <b>{escape(status)}</b>"
