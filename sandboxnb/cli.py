@@ -28,6 +28,11 @@ class _Parser(argparse.ArgumentParser):
         super().error(options.explain_usage_error(self, message))
 
 
+def _journal_arg(text: str) -> str | None:
+    """``--journal``: a path, ``auto`` or ``none`` (no journal; ``./none`` is a file)."""
+    return None if text.strip().lower() == "none" else text
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sandboxnb", description="Run agent evaluations in isolated sandboxes."
@@ -50,12 +55,21 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--journal",
         default="auto",
-        help="JSONL file that receives each row as it finishes (default: a new file in ./runs)",
+        type=_journal_arg,
+        metavar="PATH",
+        help="JSONL file that receives each row as it finishes (default: a new file in ./runs); "
+             "none: no journal",
     )
-    run.add_argument("--resume", action="store_true", help="continue an existing journal")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an existing journal: run only the rollouts it lacks; the run "
+                          "may grow it (more tasks or more repeats), anything else differing "
+                          "from its header needs --force-resume; one run writes a journal at a "
+                          "time")
     run.add_argument("--force-resume", action="store_true",
                      help="continue an existing journal even though its header shows another "
-                          "run (other tasks, agent, runtime, config or repeats)")
+                          "run (edited tasks, another taskset name, agent, runtime or config); "
+                          "a journal holding rollouts this run would never make (tasks it lacks, "
+                          "repeats beyond --repeats) is refused even so")
     run.add_argument("--output", "-o", help="write all rows to .jsonl, .csv or .parquet")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     options.add_runtime_arguments(run)

@@ -6,8 +6,10 @@ each error names the field, the value and what is accepted. Resuming a journal k
 plans only the (task, repeat) pairs it does not hold yet (a ``cancelled`` row is planned again).
 A journal's header (:func:`journal_header`) records what its run was; resuming a journal of
 another run (other taskset, changed tasks, agent, runtime, config or repeats) is refused naming
-each difference, unless ``resume="force"``. Making a plan has no side effect on disk: the journal
-is opened when the run starts.
+each difference, unless ``resume="force"``; growing the run (more tasks, more repeats) is not a
+difference. Making a plan has no side effect on disk: the journal is opened when the run starts;
+the plan records what the journal was (:data:`~sandboxnb.journal.Stamp`), and a journal another
+run wrote in between is refused then. A journal another run is writing is refused at once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from sandboxnb.agents import Agent, resolve_agent
 from sandboxnb.config import ConfigError, RuntimeConfig, merge_config
-from sandboxnb.journal import read_entries
+from sandboxnb.journal import UNCHECKED, Stamp, snapshot
 from sandboxnb.options import parse_count
 from sandboxnb.providers import Provider, get_provider
 from sandboxnb.results import latest_rows
@@ -74,6 +76,8 @@ class Plan:
     previous: tuple[dict[str, Any], ...] = ()
     #: the header to write when the journal opens (None: the journal already says what it is)
     header: dict[str, Any] | None = None
+    #: what the journal was when planned (the journal refuses to open if written since)
+    journal_stamp: Stamp | str = UNCHECKED
 
     @property
     def total(self) -> int:
@@ -147,13 +151,13 @@ def make_plan(
     path = _journal_path(journal, resume, tasks.name)
     header: dict[str, Any] | None = journal_header(tasks, agent, provider, base, repeats)
     previous: list[dict[str, Any]] = []
-    if path is not None and path.exists() and path.stat().st_size > 0:
+    old_header, rows, stamp = snapshot(path) if path is not None else (None, [], None)
+    if stamp is not None:
         if not resume:
             raise FileExistsError(
                 f"journal = {str(path)!r} already holds results; pass resume=True "
                 "(CLI: --resume) to continue it, or choose a new path"
             )
-        old_header, rows = read_entries(path)
         previous = resumable_rows(rows)
         if old_header is not None:
             changed, grown = _differences(old_header, header)
@@ -183,6 +187,7 @@ def make_plan(
         journal=path,
         previous=tuple(previous),
         header=header if path is not None else None,
+        journal_stamp=stamp,
     )
 
 

@@ -99,7 +99,8 @@ class Run:
             ) from None
         _check_journal_free(self.plan.journal)
         if self.plan.journal is not None:
-            self._journal = Journal(self.plan.journal, header=self.plan.header)
+            self._journal = Journal(self.plan.journal, header=self.plan.header,
+                                    expect=self.plan.journal_stamp)
         self.status = "running"
         self._began = time.monotonic()
         self.started_at = datetime.now(UTC)
@@ -315,7 +316,9 @@ class Run:
         if not self.done():
             raise RuntimeError(f"run {self.name} ({self.id}) is {self.status}: wait for it to "
                                "end (await run) or cancel it before retrying its rollouts")
-        plan = with_retries(dataclasses.replace(self.plan, rollouts=()), self.results.rows,
+        stamp = self._journal.final_stamp if self._journal is not None else None
+        plan = with_retries(dataclasses.replace(self.plan, rollouts=(), journal_stamp=stamp),
+                            self.results.rows,
                             statuses, self._recipe, self.plan.rollouts)
         changes: dict[str, Any] = {}
         if max_concurrent is not None:
@@ -348,8 +351,9 @@ def _check_journal_free(path: Path | None) -> None:
         return
     for other in list(_ACTIVE):
         if other.journal_path is not None and other.journal_path.resolve() == path.resolve():
-            raise RuntimeError(f"journal = {str(path)!r} is being written by run {other.name} "
-                               f"({other.id}), which is {other.status}: wait for it to end")
+            raise ConfigError(f"journal = {str(path)!r} is being written by another run, "
+                              f"{other.name} ({other.id}) in this process, which is "
+                              f"{other.status}: wait for it to end")
 
 
 TasksetLike = str | Path | Taskset | Iterable[Task | Mapping[str, Any]]
@@ -376,7 +380,9 @@ def start(
     (or ``$SANDBOXNB_RUNS_DIR``); ``None`` turns journaling off. An existing journal is refused
     unless ``resume=True``, which keeps its rows and runs only the (task, repeat) pairs it does
     not hold yet; the journal's header must show the same run (taskset and its tasks, agent,
-    runtime, config, repeats), and ``resume="force"`` continues it even if not.
+    runtime, config), which may grow (more tasks, more repeats), and ``resume="force"``
+    continues it even if not. One run writes a journal at a time: another one writing it (in
+    this process or another) is a :class:`ConfigError`.
     ``retry=("error", "timeout")`` also runs again the rollouts whose latest row in it has one
     of those statuses (a retry after a kernel restart). ``progress=True`` shows a text
     progress bar.

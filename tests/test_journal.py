@@ -217,3 +217,184 @@ def test_the_cli_names_the_difference_and_the_way_out(tmp_path):
     forced = _cli("--tasks", "HumanEval/0", "--journal", str(journal), "--force-resume",
                   "--repeats", "2")
     assert forced.returncode == 0 and "2/2 rollouts" in forced.stdout, forced.stderr
+
+
+# ---- one writer at a time ---------------------------------------------------------------------
+async def gated_agent(sandbox, task):
+    """Answers "hi"; with $SANDBOXNB_TEST_GATE set, first marks that it runs, then waits (bounded)
+    until that file exists: a run held open while another one tries the same journal."""
+    import asyncio
+    import os
+
+    gate = os.environ.get("SANDBOXNB_TEST_GATE")
+    if gate:
+        os.close(os.open(gate + ".running", os.O_CREAT | os.O_WRONLY, 0o644))
+        for _ in range(2400):
+            if os.access(gate, os.F_OK):
+                break
+            await asyncio.sleep(0.05)
+    return "hi"
+
+
+def _taskfile(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "greet.json"
+    path.write_text(json.dumps(_tasks(n=n)))
+    return path
+
+
+def _run_cli(tasks: Path, journal: Path, *args: str, **popen) -> list[str]:
+    return [sys.executable, "-m", "sandboxnb", "run", str(tasks), "--agent",
+            f"{__name__}:gated_agent", "--runtime", "local", "--no-progress", "--journal",
+            str(journal), *args]
+
+
+def test_two_resumes_of_one_journal_never_both_run(tmp_path):
+    """While one process resumes a journal, a second resume fails at once naming the first
+    process and writes nothing; every rollout runs once."""
+    import os
+
+    from tests.helpers import wait_until
+
+    tasks, journal, gate = _taskfile(tmp_path, 4), tmp_path / "j.jsonl", tmp_path / "gate"
+    first = subprocess.run(_run_cli(tasks, journal, "--limit", "1"), capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr
+    env = {**os.environ, "SANDBOXNB_TEST_GATE": str(gate)}
+    holder = subprocess.Popen(_run_cli(tasks, journal, "--resume"), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: Path(str(gate) + ".running").exists() or holder.poll() is not None,
+                   timeout=120, what="the first resume to be inside a rollout")
+        assert holder.poll() is None, holder.communicate()
+        before = journal.read_bytes()
+        second = subprocess.run(_run_cli(tasks, journal, "--resume"), env=env,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "Traceback" not in second.stderr
+        assert str(journal) in second.stderr and "another run" in second.stderr, second.stderr
+        assert f"pid {holder.pid}" in second.stderr, second.stderr
+        assert journal.read_bytes() == before  # refused before anything ran or was written
+    finally:
+        gate.touch()
+        out, err = holder.communicate(timeout=300)
+    assert holder.returncode == 0, err
+    assert "4/4 rollouts" in out, out
+    rows = [line for line in _lines(journal) if "sandboxnb_journal" not in line]
+    pairs = [(row["task_id"], row["repeat"]) for row in rows]
+    assert sorted(pairs) == [(f"t{i}", 0) for i in range(4)]  # each rollout ran exactly once
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    """The lock lives and dies with the writing process: after kill -9 the journal opens."""
+    import signal
+
+    from sandboxnb.journal import Journal
+
+    journal = tmp_path / "j.jsonl"
+    code = ("import sys; from sandboxnb.journal import Journal; j = Journal(sys.argv[1]); "
+            "print('open', flush=True); sys.stdin.read()")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(journal)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(ConfigError, match=rf"pid {writer.pid}\b"):
+            Journal(journal)
+        writer.send_signal(signal.SIGKILL)
+        assert writer.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(timeout=60)
+        writer.stdin.close()
+        writer.stdout.close()
+    Journal(journal).close()  # no stale lock
+
+
+async def test_two_runs_of_one_journal_in_one_process_are_refused(tmp_path, monkeypatch):
+    import asyncio
+
+    from sandboxnb.plan import make_plan
+    from sandboxnb.scheduler import Run
+
+    journal, gate = tmp_path / "j.jsonl", tmp_path / "gate"
+    await sandboxnb.run(_tasks(n=1), gated_agent, journal=journal, progress=False)
+    stale = make_plan(_tasks(n=3), gated_agent, journal=journal, resume=True)
+    monkeypatch.setenv("SANDBOXNB_TEST_GATE", str(gate))
+    first = sandboxnb.start(_tasks(n=3), gated_agent, journal=journal, resume=True)
+    try:
+        with pytest.raises(ConfigError, match="another run") as caught:
+            sandboxnb.start(_tasks(n=3), gated_agent, journal=journal, resume=True)
+        assert str(journal) in str(caught.value)
+        with pytest.raises(ConfigError, match="another run"):
+            Run(stale).start()  # planned before the first run started
+    finally:
+        gate.touch()
+        await asyncio.wait_for(first.wait(), 120)
+    assert first.counts() == {"ok": 3}
+    with pytest.raises(ConfigError, match="written since this run was planned"):
+        Run(stale).start()  # its plan no longer matches the journal: it would run t1, t2 again
+    assert len([ln for ln in _lines(journal) if "sandboxnb_journal" not in ln]) == 3
+
+
+# ---- a journal with duplicate rows, a torn multibyte tail --------------------------------------
+def test_resume_counts_each_rollout_once_like_load(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    assert _cli("--tasks", "HumanEval/[0-5]", "--journal", str(journal)).returncode == 0
+    header, *rows = journal.read_text().splitlines(keepends=True)
+    # two rows written twice (a concurrent writer of old), one rollout missing
+    journal.write_text(header + "".join(rows[:5]) + rows[0] + rows[1])
+    resumed = subprocess.run([sys.executable, "-m", "sandboxnb", "run", "humaneval", "--agent",
+                              "oracle", "--tasks", "HumanEval/[0-5]", "--journal", str(journal),
+                              "--resume"], capture_output=True, text=True, timeout=300,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "6/6 rollouts" in resumed.stdout, resumed.stdout
+    assert "/8 " not in resumed.stderr and "| 6/6 [" in resumed.stderr, resumed.stderr
+    assert len(sandboxnb.load(journal)) == 6 and sandboxnb.load(journal).total == 6
+
+
+def test_a_tail_torn_inside_a_multibyte_character_is_cut(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    assert _run(journal, tasks=_tasks(n=2)).counts() == {"ok": 2}
+    whole = journal.read_bytes()
+    # rows are written as ASCII JSON, but a journal may hold raw UTF-8 (edited, or from a tool)
+    raw = json.dumps({"task_id": "t9", "repeat": 0, "status": "ok", "answer": "h\u00e9\u2713"},
+                     ensure_ascii=False).encode("utf-8") + b"\n"
+    cut = raw.index("\u2713".encode()) + 1  # inside the 3 bytes of the check mark
+    journal.write_bytes(whole + raw[:cut])
+    assert [r["task_id"] for r in read_journal(journal)] == ["t0", "t1"]
+    assert len(sandboxnb.load(journal)) == 2
+    run = _run(journal, tasks=_tasks(n=3), resume=True)
+    assert run.counts() == {"ok": 3} and len(run.plan.rollouts) == 1
+    assert journal.read_bytes().startswith(whole) and journal.read_bytes().endswith(b"\n")
+    assert len(sandboxnb.load(journal)) == 3
+
+
+# ---- --journal none, and what a resume may change ------------------------------------------------
+@pytest.mark.parametrize("none", ["none", "None"])
+def test_journal_none_means_no_journal(tmp_path, none):
+    done = subprocess.run([sys.executable, "-m", "sandboxnb", "run", "humaneval", "--agent",
+                           "oracle", "--tasks", "HumanEval/0", "--no-progress", "--journal", none],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "1/1 rollouts" in done.stdout and "journal:" not in done.stdout
+    assert list(tmp_path.iterdir()) == []  # no file named none, no ./runs
+    resumed = subprocess.run([sys.executable, "-m", "sandboxnb", "run", "humaneval", "--agent",
+                              "oracle", "--no-progress", "--journal", none, "--resume"],
+                             capture_output=True, text=True, timeout=300, check=False,
+                             cwd=tmp_path)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert "--journal PATH" in resumed.stderr, resumed.stderr
+
+
+def test_the_help_says_what_a_resume_may_change():
+    shown = subprocess.run([sys.executable, "-m", "sandboxnb", "run", "--help"],
+                           capture_output=True, text=True, timeout=120, check=True,
+                           env={**__import__("os").environ, "COLUMNS": "200"}).stdout
+    flat = " ".join(shown.split())
+    journal = flat.split("--journal PATH JSONL", 1)[1].split("--resume continue", 1)[0]
+    resume = flat.split("--resume continue", 1)[1].split("--force-resume continue", 1)[0]
+    force = flat.split("--force-resume continue", 1)[1].split("--output", 1)[0]
+    assert "none: no journal" in journal, journal
+    assert "more tasks or more repeats" in resume, resume
+    assert "repeats beyond --repeats" in force and "is refused even so" in force, force
