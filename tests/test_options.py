@@ -97,12 +97,14 @@ def test_cli_magics_and_launcher_expose_exactly_the_table():
     names = [opt.name for opt in OPTIONS]
     for front_end, parser in _front_end_parsers().items():
         assert _runtime_flags(parser) == flags, front_end
-    # the launcher: one field per option, named like the option, in table order
-    assert list(FORM_FIELDS) == ["provider", *names]
+    # the launcher: the provider, the sandbox's name, then one field per option, named like
+    # the option, in table order
+    assert list(FORM_FIELDS) == ["provider", "name", *names]
     ui = Launcher(LauncherController())
     try:
         assert list(ui.fields) == names
-        assert set(ui.values()) == set(FORM_FIELDS)
+        disabled = {name for name, field in ui.fields.items() if field.disabled}
+        assert set(ui.values()) | disabled == set(FORM_FIELDS)  # unhonoured ones are left out
         assert set(ui.errors) == set(FORM_FIELDS)
     finally:
         ui.close()
