@@ -25,18 +25,20 @@ DEFAULT_TIMEOUT_S = 3.0
 GRADER_FLAGS = ("-S", "-E", "-s")
 
 # Runs the check program read from stdin like the official grader: output swallowed, every
-# BaseException is a failure; the verdict goes to the original stdout as the last line.
+# BaseException is a failure; the verdict goes to the original stdout as the last line (json is
+# imported only to describe a failure: a passing check pays nothing beyond its own imports).
 _HARNESS = """\
-import io, json, os, sys
+import io, os, sys
 out = os.dup(1)
 program = sys.stdin.read()
 sys.stdout = sys.stderr = io.StringIO()
 try:
     exec(compile(program, "<humaneval>", "exec"), {"__name__": "__main__"})
-    verdict = {"reward": 1.0, "result": "passed"}
+    verdict = '{"reward": 1.0, "result": "passed"}'
 except BaseException as e:
-    verdict = {"reward": 0.0, "result": "failed: %s" % (e,)}
-os.write(out, ("\\n" + json.dumps(verdict) + "\\n").encode())
+    import json
+    verdict = json.dumps({"reward": 0.0, "result": "failed: %s" % (e,)})
+os.write(out, ("\\n" + verdict + "\\n").encode())
 os._exit(0)
 """
 
