@@ -25,7 +25,7 @@ from sandboxnb.rollout import rollout
 if TYPE_CHECKING:
     from sandboxnb.pool import Pool
 
-__all__ = ["Report", "bounded", "execute"]
+__all__ = ["Report", "bounded", "execute", "run_pool"]
 
 T = TypeVar("T")
 Report = Callable[[dict[str, Any]], None]
@@ -77,16 +77,18 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 async def execute(plan: Plan, report: Report, *, run_id: str = "",
                   on_start: Callable[[PlannedRollout], None] | None = None,
-                  pool: Pool | int | None = None) -> None:
+                  pool: Pool | int | None = None, close_pool: bool | None = None) -> None:
     """Run every rollout of ``plan``, reporting each row to ``report`` (on the loop thread);
     ``on_start(item)`` is called as each rollout starts (its row reports its end).
 
     ``pool``: a warm :class:`~sandboxnb.pool.Pool` the rollouts of its config take their
-    sandboxes from, or a size to make one for this run (closed at its end). Every sandbox a pool
-    handed out is released before this returns. A provider the plan owns (made from a name) is
-    closed at the end, on every path."""
+    sandboxes from, or a size to make one for this run; it is closed at the end when made here or
+    ``close_pool`` says so. Every sandbox a pool handed out is released before this returns.
+    A provider the plan owns (made from a name) is closed at the end, on every path."""
     agent = plan.agent
-    warm = _warm_pool(plan, pool)
+    warm = run_pool(plan, pool)
+    if close_pool is None:
+        close_pool = warm is not pool
     acquire = None
     if warm is not None:
         await warm.start()
@@ -115,7 +117,7 @@ async def execute(plan: Plan, report: Report, *, run_id: str = "",
         await bounded(plan.rollouts, one, plan.max_concurrent)
     finally:
         try:
-            if warm is not None and warm is not pool:  # made for this run
+            if warm is not None and close_pool:  # the run's own
                 await warm.aclose()
             elif warm is not None:
                 await warm.drain()
@@ -124,7 +126,7 @@ async def execute(plan: Plan, report: Report, *, run_id: str = "",
                 await plan.provider.aclose()
 
 
-def _warm_pool(plan: Plan, pool: Pool | int | None) -> Pool | None:
+def run_pool(plan: Plan, pool: Pool | int | None) -> Pool | None:
     """The pool a run takes its sandboxes from: the one given, or one of ``pool`` spares."""
     from sandboxnb.pool import Pool
 
@@ -134,7 +136,8 @@ def _warm_pool(plan: Plan, pool: Pool | int | None) -> Pool | None:
 
 
 def _pool_config(plan: Plan) -> Any:
-    """The config most of the plan's rollouts get (the run's own, unless tasks override it)."""
+    """The config most of the plan's rollouts get: the run's own, unless most of its tasks
+    override it alike (the others acquire as usual)."""
     from collections import Counter
 
     if not plan.rollouts:

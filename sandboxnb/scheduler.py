@@ -32,7 +32,7 @@ from sandboxnb.plan import Plan, PlannedRollout, make_plan
 from sandboxnb.providers import Provider
 from sandboxnb.results import Results
 from sandboxnb.retry import Recipe, retry_statuses, with_retries
-from sandboxnb.runner import execute
+from sandboxnb.runner import execute, run_pool
 from sandboxnb.tasks import Task, Taskset
 
 if TYPE_CHECKING:
@@ -83,8 +83,10 @@ class Run:
         self._ended: concurrent.futures.Future[Run] = concurrent.futures.Future()
         self._ended.set_running_or_notify_cancel()  # only _finish completes it
         self._recipe = recipe
-        #: the warm pool the rollouts take their sandboxes from (a Pool, or a size for one)
-        self.pool = pool
+        #: the warm pool the rollouts take their sandboxes from (``pool.stats()`` for monitors);
+        #: one made from a size belongs to this run and is closed when it ends
+        self._pool_size = pool if isinstance(pool, int) else None
+        self.pool: Pool | None = run_pool(plan, pool)
         #: (task_id, repeat) -> (monotonic start, wall-clock start) of each rollout in flight
         self._in_flight: dict[tuple[str, int], tuple[float, datetime]] = {}
         self._began: float | None = None
@@ -179,7 +181,7 @@ class Run:
         status, error = "failed", None
         try:
             await execute(self.plan, self._record, run_id=self.id, on_start=self._started,
-                          pool=self.pool)
+                          pool=self.pool, close_pool=self._pool_size is not None)
             status = "done"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -332,7 +334,8 @@ class Run:
                 raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 "
                                   "or None")
             changes["timeout_s"] = timeout_s
-        retried = Run(dataclasses.replace(plan, **changes), self._recipe, self.pool).start()
+        pool = self._pool_size if self._pool_size is not None else self.pool
+        retried = Run(dataclasses.replace(plan, **changes), self._recipe, pool).start()
         if progress:
             from sandboxnb.progress import progress_bar
 

@@ -282,3 +282,14 @@ async def test_docker_pool_hands_out_distinct_containers_and_leaves_none():
     finally:
         await provider.aclose()
     wait_until(lambda: not sandbox_containers() - before, 30, "the pool's containers to go")
+
+
+async def test_a_runs_own_pool_is_visible_to_monitors_and_closed_at_its_end(provider, tmp_path):
+    run = sandboxnb.start(_tasks(3), _fresh_agent, provider, journal=None, max_concurrent=1,
+                          pool=2)
+    assert run.pool is not None and run.pool.stats()["size"] == 2
+    await asyncio.wait_for(run.wait(), 60)
+    assert run.counts() == {"ok": 3}
+    stats = run.pool.stats()
+    assert stats["closed"] and stats["ready"] == 0 and stats["handed_out"] >= 1
+    _gone(tmp_path)
