@@ -4,7 +4,8 @@ Every rollout still gets a fresh sandbox: a spare is handed out once and never c
 its rollout ends it is released as any sandbox is, in the background (the pool tracks that
 release, and :meth:`Pool.drain` and :meth:`Pool.aclose` wait for it, so a run that used the pool
 ends only once its sandboxes are gone). Each hand-out starts a refill; at most ``max_filling``
-sandboxes are being created at once, and a failed create is reported (log, :meth:`Pool.stats`)
+sandboxes are being created at once (a hand-out that leaves the pool above its low-water mark
+refills once that sandbox is given back), and a failed create is reported (log, :meth:`Pool.stats`)
 and retried after a backoff that doubles up to ``BACKOFF_CAP_S`` (never a busy loop).
 
 Spares are owned by the pool: :meth:`Pool.aclose` (``async with Pool(...)``, a run's end for the
@@ -81,7 +82,10 @@ class Pool:
     """``size`` ready sandboxes of ``provider`` for ``config``, each handed out once.
 
     ``provider`` is a provider or its name (a pool made from a name owns, and closes, it).
-    ``max_filling``: creates at once (default ``min(size, 4)``). ``warm``: each spare runs
+    ``max_filling``: creates at once (default ``min(size, 4)``). A hand-out refills at once
+    when fewer than ``low_water`` spares (default half the size, rounded up) are ready or
+    coming; otherwise the refill starts when the sandbox handed out is given back, so creates
+    do not compete for the CPU with short rollouts. ``warm``: each spare runs
     ``true`` once before it counts as ready, so its first exec does not pay the server's lazy
     imports (no files change; no task or agent ever ran in it).
     Use ``async with Pool(...) as pool`` or ``await pool.start()`` ... ``await pool.aclose()``;
@@ -90,13 +94,19 @@ class Pool:
 
     def __init__(self, provider: str | Provider = "local", size: int = 4, *,
                  config: RuntimeConfig | Mapping[str, Any] | None = None,
-                 max_filling: int | None = None, warm: bool = True) -> None:
+                 max_filling: int | None = None, low_water: int | None = None,
+                 warm: bool = True) -> None:
         from sandboxnb.providers import Provider, get_provider
 
         self.size = parse_pool_size(size, "size")
         if max_filling is not None:
             max_filling = parse_pool_size(max_filling, "max_filling")
         self.max_filling = max_filling or min(self.size, DEFAULT_MAX_FILLING)
+        if low_water is not None and (isinstance(low_water, bool) or not isinstance(
+                low_water, int) or not 1 <= low_water <= self.size):
+            raise ConfigError(f"low_water = {low_water!r}: expected an integer from 1 to the "
+                              f"pool's size ({self.size})")
+        self.low_water = low_water or (self.size + 1) // 2
         if not isinstance(warm, bool):
             raise ConfigError(f"warm = {warm!r}: expected True or False")
         self.warm = warm
@@ -247,6 +257,7 @@ class Pool:
             yield spare.client
         finally:
             self._retire(spare)  # synchronous: a cancellation cannot skip it
+            self._top_up()
 
     async def _take(self) -> _Spare | None:
         self._bind()
@@ -255,6 +266,7 @@ class Pool:
                 spare = self._ready.popleft()
                 if spare.client.closed:  # its server went away while it waited
                     self._retire(spare)
+                    self._top_up()
                     continue
                 self._handed(spare)
                 return spare
@@ -266,7 +278,11 @@ class Pool:
                 spare = await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    self._ready.appendleft(waiter.result())  # not ours after all: keep it
+                    unused = waiter.result()  # given to us as we were cancelled: not ours
+                    if self._closed:
+                        self._retire(unused)
+                    else:
+                        self._ready.appendleft(unused)
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
                 raise
@@ -274,6 +290,7 @@ class Pool:
                 return None
             if spare.client.closed:
                 self._retire(spare)
+                self._top_up()
                 continue
             self._handed(spare)
             return spare
@@ -281,7 +298,8 @@ class Pool:
     def _handed(self, spare: _Spare) -> None:
         self.handed_out += 1
         spare.state.endpoint.meta["pool"] = True  # type: ignore[union-attr]
-        self._top_up()
+        if len(self._ready) + len(self._fills) - len(self._waiters) < self.low_water:
+            self._top_up()
         self._pulse()
 
     def _retire(self, spare: _Spare) -> None:
@@ -389,6 +407,7 @@ class Pool:
         return {
             "provider": self.provider.name,
             "size": self.size,
+            "low_water": self.low_water,
             "ready": len(self._ready),
             "filling": len(self._fills),
             "waiting": len(self._waiters),

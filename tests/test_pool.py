@@ -19,7 +19,6 @@ from sandboxnb.config import ConfigError
 from sandboxnb.pool import BACKOFF_START_S, Pool, open_pools
 from sandboxnb.providers.local import LocalProvider
 
-from .conftest import sandbox_containers
 from .helpers import live_sandbox_servers, wait_until, wait_until_async
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +239,9 @@ def test_bad_sizes_are_refused_before_anything_starts(bad, tmp_path):
 
 
 async def test_a_pool_of_another_provider_or_closed_is_refused(provider):
+    with pytest.raises(ConfigError, match=r"low_water = 3: expected an integer from 1 to the "
+                                          r"pool's size \(2\)"):
+        Pool(provider, size=2, low_water=3)
     pool = Pool(provider, size=1)
     with pytest.raises(ConfigError, match="holds 'local' sandboxes but runtime = 'docker'"):
         sandboxnb.start(_tasks(1), _fresh_agent, "docker", journal=None, pool=pool)
@@ -270,18 +272,25 @@ async def test_docker_pool_hands_out_distinct_containers_and_leaves_none():
     from sandboxnb.providers.docker import DockerProvider
 
     provider = DockerProvider()
-    before = sandbox_containers()
+    before = _own_containers()
     try:
         async with Pool(provider, size=2) as pool:
             await asyncio.wait_for(pool.wait_full(), 120)
-            assert len(sandbox_containers() - before) == 2
+            assert len(_own_containers() - before) == 2
             run = await sandboxnb.run(_tasks(3), _fresh_agent, provider, journal=None,
                                       progress=False, max_concurrent=1, pool=pool)
             assert run.counts() == {"ok": 3}, run.errors()
             assert len({row["sandbox_id"] for row in run.rows}) == 3
     finally:
         await provider.aclose()
-    wait_until(lambda: not sandbox_containers() - before, 30, "the pool's containers to go")
+    wait_until(lambda: not _own_containers() - before, 30, "the pool's containers to go")
+
+
+def _own_containers() -> set[str]:
+    """Ids of the labelled containers this test process started (others may share the engine)."""
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=sandboxnb.pid={os.getpid()}"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return set(out.stdout.split())
 
 
 async def test_a_runs_own_pool_is_visible_to_monitors_and_closed_at_its_end(provider, tmp_path):
@@ -292,4 +301,17 @@ async def test_a_runs_own_pool_is_visible_to_monitors_and_closed_at_its_end(prov
     assert run.counts() == {"ok": 3}
     stats = run.pool.stats()
     assert stats["closed"] and stats["ready"] == 0 and stats["handed_out"] >= 1
+    _gone(tmp_path)
+
+
+async def test_a_spare_that_died_while_waiting_is_never_handed_out(provider, tmp_path):
+    async with Pool(provider, size=2) as pool:
+        await asyncio.wait_for(pool.wait_full(), 60)
+        dead = pool._ready[0]
+        os.kill(dead.state.endpoint.meta["pid"], signal.SIGKILL)
+        await wait_until_async(lambda: dead.client.closed, 30, "the client to see it die")
+        async with pool.open() as sandbox:
+            assert sandbox is not dead.client and (await sandbox.exec(["true"])).ok
+        await asyncio.wait_for(pool.wait_full(), 60)  # and it was replaced
+        assert dead.client not in {spare.client for spare in pool._ready}
     _gone(tmp_path)
