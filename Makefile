@@ -39,7 +39,9 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	bash scripts/setup-docker
+	$(BIN)/python benchmarks/floors.py
 	$(BIN)/python benchmarks/spine_micro.py
+	$(BIN)/python benchmarks/pool_rollout.py
 	$(BIN)/python benchmarks/humaneval_wall.py
 	$(BIN)/python benchmarks/scale_local.py
 	$(BIN)/python benchmarks/docker_overhead.py

@@ -1,8 +1,10 @@
 """Per-rollout overhead of the Docker provider against a bare `docker run` on the same engine.
 
 One rollout = acquire (container + server ready) -> connect -> exec `true` -> release
-(container removed). The floor is `docker run --rm IMAGE python3 -c pass`. Both are measured
-interleaved in the same run (the machine is shared: compare ratios, not absolute times).
+(container removed). The floor is `docker run --rm IMAGE python3 -c pass`; the interpreter
+floors of :mod:`floors` (the base interpreter outside the venv, `python -c pass` and `python -S
+-E -s -c pass`) are stated too. All are measured interleaved in the same run (the machine is
+shared: compare ratios, not absolute times).
 
     .venv/bin/python benchmarks/docker_overhead.py [--n 15] [--image sandboxnb/python:3.11]
 """
@@ -14,6 +16,8 @@ import asyncio
 import statistics
 import subprocess
 import time
+
+from floors import Floors
 
 from sandboxnb.client import connect
 from sandboxnb.config import config_from_flat
@@ -57,9 +61,11 @@ async def main(n: int, image: str) -> None:
         await bare_run(image)
         rows: list[dict[str, float]] = []
         floors: list[float] = []
+        interpreter = Floors()
         for _ in range(n):
             rows.append(await rollout(provider, image))
             floors.append(await bare_run(image))
+            interpreter.sample()
     finally:
         await provider.aclose()
     med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
@@ -71,6 +77,9 @@ async def main(n: int, image: str) -> None:
     print(f"  rollout  median {total:8.1f} ms  (acquire -> connect -> exec -> release)")
     print(f"  floor    median {floor * 1000:8.1f} ms  (docker run --rm {image} python3 -c pass)")
     print(f"  ratio    {med['total'] / floor:.2f}x the bare docker run")
+    print(f"  {interpreter.header()}")
+    print(f"  rollout  = {interpreter.ratios(total)}")
+    print(f"  docker run floor = {interpreter.ratios(floor * 1000)}")
 
 
 if __name__ == "__main__":

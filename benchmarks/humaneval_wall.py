@@ -2,8 +2,9 @@
 
 For each concurrency N in (1, 2, 4, 8): the wall time of ``sandboxnb.run(humaneval, oracle,
 max_concurrent=N)`` (a fresh sandbox per problem, journal on) against running the same 164 check
-programs as bare interpreter processes, N at a time. Prints medians of ``--repeats`` runs and the
-ratio. Target on a 2-core machine: at most 2x the floor at N = 8.
+programs as processes of the base interpreter outside the venv, N at a time, two ways: ``python
+-c PROGRAM`` and ``python -S -E -s -c PROGRAM`` (how our grader starts it). Prints medians of
+``--repeats`` interleaved runs and the ratio to each. Target on a 2-core machine: at most 2x.
 
     .venv/bin/python benchmarks/humaneval_wall.py [--repeats 3]
 """
@@ -17,17 +18,20 @@ import sys
 import tempfile
 import time
 
+from floors import BARE_FLAGS, base_python
+
 import sandboxnb
 from sandboxnb.tasksets.humaneval import check_program, load
 
 
-async def floor_wall(programs: list[str], concurrency: int) -> float:
+async def floor_wall(programs: list[str], concurrency: int, flags: tuple[str, ...]) -> float:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(program: str) -> None:
         async with gate:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
+                base_python(),
+                *flags,
                 "-c",
                 program,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -64,17 +68,20 @@ async def main() -> None:
     programs = [check_program(t.metadata, t.metadata["canonical_solution"]) for t in tasks]
     print(
         f"HumanEval oracle, 164 problems, median of {args.repeats} "
-        f"(python {sys.version.split()[0]})"
+        f"(python {sys.version.split()[0]}; floors: {base_python()} outside the venv)"
     )
-    print(f"{'concurrency':>11} {'floor s':>9} {'sandboxnb s':>12} {'ratio':>7}")
+    print(f"{'concurrency':>11} {'-c s':>7} {'-S -E -s s':>11} {'sandboxnb s':>12} "
+          f"{'vs -c':>7} {'vs -S -E -s':>12}")
     with tempfile.TemporaryDirectory() as journal_dir:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            floors, ours = [], []
-            for _ in range(args.repeats):  # interleave so drift hits both alike
-                floors.append(await floor_wall(programs, concurrency))
+            site, bare, ours = [], [], []
+            for _ in range(args.repeats):  # interleave so drift hits all alike
+                site.append(await floor_wall(programs, concurrency, ()))
+                bare.append(await floor_wall(programs, concurrency, BARE_FLAGS))
                 ours.append(await sandbox_wall(concurrency, journal_dir))
-            floor, mine = statistics.median(floors), statistics.median(ours)
-            print(f"{concurrency:>11} {floor:>9.2f} {mine:>12.2f} {mine / floor:>6.2f}x")
+            a, b, mine = (statistics.median(x) for x in (site, bare, ours))
+            print(f"{concurrency:>11} {a:>7.2f} {b:>11.2f} {mine:>12.2f} {mine / a:>6.2f}x "
+                  f"{mine / b:>11.2f}x")
 
 
 if __name__ == "__main__":

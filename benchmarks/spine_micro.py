@@ -1,14 +1,16 @@
 """Micro-benchmarks of the sandbox spine, each against its floor measured in the same run.
 
-1. acquire -> ready -> released (local provider: spawn, READY, connect + auth, close, teardown)
-   vs spawning ``sys.executable -c pass`` and waiting for it;
+1. acquire -> ready -> released (local provider: spawn, handshake, close, teardown), jailed
+   (the default, bubblewrap) and with ``isolation="none"``, vs the two interpreter floors of
+   :mod:`floors` (the base interpreter outside the venv: ``python -c pass`` and
+   ``python -S -E -s -c pass``), all interleaved;
 2. ``ping`` round trip on an open connection vs a bare loopback TCP line echo (same asyncio
    streams client stack, echo server in its own process);
 3. ``exec("true")`` vs spawning ``true`` from asyncio.
 
 Usage: ``python benchmarks/spine_micro.py [--n-acquire 40] [--n-ping 2000] [--n-exec 100]``
 """
-# ruff: noqa: ASYNC220, ASYNC221 - the floors are measured with plain blocking spawns on purpose
+# ruff: noqa: ASYNC220 - the floors are measured with plain blocking spawns on purpose
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from floors import Floors
 
 from sandboxnb.client import connect
 from sandboxnb.providers.local import LocalProvider
@@ -38,23 +42,29 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-async def bench_acquire(n: int) -> tuple[float, float]:
-    floor, spine = [], []
-    provider = LocalProvider()
+async def _acquire_once(provider: LocalProvider) -> float:
+    start = time.perf_counter()
+    async with provider.sandbox() as ep:
+        sb = await connect(ep)
+        await sb.close()
+    return time.perf_counter() - start
+
+
+async def bench_acquire(n: int, floors: Floors) -> dict[str, float]:
+    """Median ms of acquire -> ready -> released, jailed and not, interleaved with the floors."""
+    providers = {"jailed (default)": LocalProvider(), "isolation='none'": LocalProvider(
+        isolation="none")}
+    samples: dict[str, list[float]] = {name: [] for name in providers}
     for _ in range(3):  # warm caches (bundle file, page cache)
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        async with provider.sandbox() as ep:
-            await (await connect(ep)).close()
+        floors.sample()
+        for provider in providers.values():
+            await _acquire_once(provider)
+    floors.samples = {name: [] for name in floors.samples}
     for _ in range(n):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        floor.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        async with provider.sandbox() as ep:
-            sb = await connect(ep)
-            await sb.close()
-        spine.append(time.perf_counter() - start)
-    return _median_ms(floor), _median_ms(spine)
+        floors.sample()
+        for name, provider in providers.items():
+            samples[name].append(await _acquire_once(provider))
+    return {name: _median_ms(values) for name, values in samples.items()}
 
 
 async def bench_ping(n: int) -> tuple[float, float]:
@@ -107,9 +117,14 @@ async def main() -> None:
     parser.add_argument("--n-ping", type=int, default=2000)
     parser.add_argument("--n-exec", type=int, default=100)
     args = parser.parse_args()
+    floors = Floors()
+    acquire = await bench_acquire(args.n_acquire, floors)
+    print(floors.header())
+    for name, ms in acquire.items():
+        print(f"acquire->ready->released {name:<18}{ms:8.2f} ms = {floors.ratios(ms)}")
+    jail = acquire["jailed (default)"] - acquire["isolation='none'"]
+    print(f"the jail's cost per acquire: {jail:+.2f} ms")
     rows = [
-        ("acquire->ready->released", "python -c pass", *await bench_acquire(args.n_acquire),
-         1.5),
         ("ping round trip", "loopback TCP echo", *await bench_ping(args.n_ping), 3.0),
         ("exec(['true'])", "asyncio spawn `true`", *await bench_exec(args.n_exec), None),
     ]

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Run": "sandboxnb.scheduler",
     "run": "sandboxnb.scheduler",
     "start": "sandboxnb.scheduler",
+    "Pool": "sandboxnb.pool",
     "load": "sandboxnb.results",
     "Results": "sandboxnb.results",
     "compare": "sandboxnb.compare",

@@ -52,6 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeats", type=options.count_type("--repeats"), default=1, metavar="N",
                      help="rollouts per task (default 1)")
     options.add_rollout_timeout(run)
+    run.add_argument("--pool", type=options.count_type("--pool", 1000), metavar="N",
+                     help="keep N fresh sandboxes ready (a warm pool; each rollout still gets "
+                          "its own sandbox, released after it); 1 to 1000")
     run.add_argument(
         "--journal",
         default="auto",
@@ -175,6 +178,7 @@ async def _run_command(args: argparse.Namespace) -> int:
         journal=args.journal,
         resume="force" if args.force_resume else args.resume,
         progress=not args.no_progress,
+        pool=args.pool,
     )
     if args.output:
         path = result.results.write(args.output)

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,12 +78,14 @@ async def rollout(
     run_id: str = "",
     timeout_s: float | None = None,
     on_done: Callable[[dict[str, Any]], None],
+    acquire: Callable[[RuntimeConfig], AbstractAsyncContextManager[Any]] | None = None,
 ) -> None:
     """Run ``task`` once in a fresh sandbox from ``provider`` and report its row to ``on_done``.
 
     Failures become the row's ``status``/``error`` (with ``error_type``, ``phase``,
     ``traceback`` and ``output_tail``); the row is reported on every path, also when the rollout
-    is cancelled (status ``cancelled``, then the cancellation propagates).
+    is cancelled (status ``cancelled``, then the cancellation propagates). ``acquire(config)``
+    replaces ``provider.open`` (a warm :class:`~sandboxnb.pool.Pool` hands out its spares).
     """
     row = _new_row(run_id, provider, task, repeat, config)
     repeat_token = _REPEAT.set(repeat)
@@ -92,7 +95,7 @@ async def rollout(
     meta: dict[str, Any] = {}
     box: Any = None
     try:
-        async with provider.open(config) as sandbox:
+        async with (acquire or provider.open)(config) as sandbox:
             box = sandbox
             row["sandbox_id"] = sandbox.id
             if sandbox.endpoint is not None:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sandboxnb.errors import ConfigError
 from sandboxnb.plan import Plan, PlannedRollout
 from sandboxnb.rollout import rollout
 
-__all__ = ["Report", "bounded", "execute"]
+if TYPE_CHECKING:
+    from sandboxnb.pool import Pool
+
+__all__ = ["Report", "bounded", "execute", "run_pool"]
 
 T = TypeVar("T")
 Report = Callable[[dict[str, Any]], None]
@@ -73,12 +76,23 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 async def execute(plan: Plan, report: Report, *, run_id: str = "",
-                  on_start: Callable[[PlannedRollout], None] | None = None) -> None:
+                  on_start: Callable[[PlannedRollout], None] | None = None,
+                  pool: Pool | int | None = None, close_pool: bool | None = None) -> None:
     """Run every rollout of ``plan``, reporting each row to ``report`` (on the loop thread);
     ``on_start(item)`` is called as each rollout starts (its row reports its end).
 
+    ``pool``: a warm :class:`~sandboxnb.pool.Pool` the rollouts of its config take their
+    sandboxes from, or a size to make one for this run; it is closed at the end when made here or
+    ``close_pool`` says so. Every sandbox a pool handed out is released before this returns.
     A provider the plan owns (made from a name) is closed at the end, on every path."""
     agent = plan.agent
+    warm = run_pool(plan, pool)
+    if close_pool is None:
+        close_pool = warm is not pool
+    acquire = None
+    if warm is not None:
+        await warm.start()
+        acquire = warm.open
 
     async def guarded_agent(sandbox: Any, task: Any) -> Any:
         _raise_if_cancel_requested()  # lost while the sandbox was acquired: stop here
@@ -96,10 +110,36 @@ async def execute(plan: Plan, report: Report, *, run_id: str = "",
             run_id=run_id,
             timeout_s=plan.timeout_s,
             on_done=report,
+            acquire=acquire,
         )
 
     try:
         await bounded(plan.rollouts, one, plan.max_concurrent)
     finally:
-        if plan.owns_provider:
-            await plan.provider.aclose()
+        try:
+            if warm is not None and close_pool:  # the run's own
+                await warm.aclose()
+            elif warm is not None:
+                await warm.drain()
+        finally:
+            if plan.owns_provider:
+                await plan.provider.aclose()
+
+
+def run_pool(plan: Plan, pool: Pool | int | None) -> Pool | None:
+    """The pool a run takes its sandboxes from: the one given, or one of ``pool`` spares."""
+    from sandboxnb.pool import Pool
+
+    if pool is None or isinstance(pool, Pool):
+        return pool
+    return Pool(plan.provider, size=pool, config=_pool_config(plan))
+
+
+def _pool_config(plan: Plan) -> Any:
+    """The config most of the plan's rollouts get: the run's own, unless most of its tasks
+    override it alike (the others acquire as usual)."""
+    from collections import Counter
+
+    if not plan.rollouts:
+        return None
+    return Counter(item.config for item in plan.rollouts).most_common(1)[0][0]

@@ -32,11 +32,13 @@ from sandboxnb.plan import Plan, PlannedRollout, make_plan
 from sandboxnb.providers import Provider
 from sandboxnb.results import Results
 from sandboxnb.retry import Recipe, retry_statuses, with_retries
-from sandboxnb.runner import execute
+from sandboxnb.runner import execute, run_pool
 from sandboxnb.tasks import Task, Taskset
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from sandboxnb.pool import Pool
 
 __all__ = ["Run", "active_runs", "run", "start"]
 
@@ -61,7 +63,8 @@ class Run:
     takes its final value only once every sandbox is released and the journal is closed.
     """
 
-    def __init__(self, plan: Plan, recipe: Recipe | None = None) -> None:
+    def __init__(self, plan: Plan, recipe: Recipe | None = None,
+                 pool: Pool | int | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.plan = plan
         self.name = plan.name
@@ -80,6 +83,10 @@ class Run:
         self._ended: concurrent.futures.Future[Run] = concurrent.futures.Future()
         self._ended.set_running_or_notify_cancel()  # only _finish completes it
         self._recipe = recipe
+        #: the warm pool the rollouts take their sandboxes from (``pool.stats()`` for monitors);
+        #: one made from a size belongs to this run and is closed when it ends
+        self._pool_size = pool if isinstance(pool, int) else None
+        self.pool: Pool | None = run_pool(plan, pool)
         #: (task_id, repeat) -> (monotonic start, wall-clock start) of each rollout in flight
         self._in_flight: dict[tuple[str, int], tuple[float, datetime]] = {}
         self._began: float | None = None
@@ -174,7 +181,8 @@ class Run:
         began = time.perf_counter()
         status, error = "failed", None
         try:
-            await execute(self.plan, self._record, run_id=self.id, on_start=self._started)
+            await execute(self.plan, self._record, run_id=self.id, on_start=self._started,
+                          pool=self.pool, close_pool=self._pool_size is not None)
             status = "done"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -329,7 +337,8 @@ class Run:
                 raise ConfigError(f"timeout_s = {timeout_s!r}: expected a number of seconds > 0 "
                                   "or None")
             changes["timeout_s"] = timeout_s
-        retried = Run(dataclasses.replace(plan, **changes), self._recipe).start()
+        pool = self._pool_size if self._pool_size is not None else self.pool
+        retried = Run(dataclasses.replace(plan, **changes), self._recipe, pool).start()
         if progress:
             from sandboxnb.progress import progress_bar
 
@@ -343,6 +352,24 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.name} {self.id}: {self.summary()}>"
+
+
+def _check_pool(pool: Any, runtime: str | Provider) -> Pool | int | None:
+    """``pool`` as a run takes it: None, a size from 1 to 1000, or an open Pool of the run's
+    provider (ConfigError naming the value otherwise)."""
+    from sandboxnb.pool import Pool, parse_pool_size
+
+    if pool is None:
+        return None
+    if not isinstance(pool, Pool):
+        return parse_pool_size(pool)
+    if pool.closed:
+        raise ConfigError(f"pool = {pool!r} is closed; pass an open Pool or a size")
+    name = runtime.name if isinstance(runtime, Provider) else runtime
+    if pool.provider.name != name:
+        raise ConfigError(f"pool = {pool!r} holds {pool.provider.name!r} sandboxes but runtime "
+                          f"= {name!r}; pass a pool of the run's provider")
+    return pool
 
 
 def _check_journal_free(path: Path | None) -> None:
@@ -372,6 +399,7 @@ def start(
     resume: bool | str = False,
     progress: bool = False,
     retry: str | Iterable[str] | None = None,
+    pool: Pool | int | None = None,
 ) -> Run:
     """Validate everything, then schedule a run on the running loop and return it at once.
 
@@ -385,8 +413,11 @@ def start(
     this process or another) is a :class:`ConfigError`.
     ``retry=("error", "timeout")`` also runs again the rollouts whose latest row in it has one
     of those statuses (a retry after a kernel restart). ``progress=True`` shows a text
-    progress bar.
+    progress bar. ``pool=N`` keeps N sandboxes of the run's config ready (made when the run
+    starts, released when it ends); a :class:`~sandboxnb.pool.Pool` is shared across runs.
+    Every rollout still gets a fresh sandbox.
     """
+    pool = _check_pool(pool, runtime)
     statuses = retry_statuses(retry) if retry is not None else ()
     if statuses and not resume:
         raise ConfigError(f"retry = {retry!r} reruns rollouts of an existing journal, but resume = "
@@ -406,7 +437,7 @@ def start(
     recipe = Recipe(tasks, merge_config(RuntimeConfig(), config), repeats)
     if statuses:
         plan = with_retries(plan, plan.previous, statuses, recipe)
-    run_obj = Run(plan, recipe).start()
+    run_obj = Run(plan, recipe, pool).start()
     if progress:
         from sandboxnb.progress import progress_bar
 
@@ -427,11 +458,13 @@ async def run(
     resume: bool | str = False,
     progress: bool = True,
     retry: str | Iterable[str] | None = None,
+    pool: Pool | int | None = None,
 ) -> Run:
     """Run every task ``repeats`` times, each rollout in a fresh sandbox; return the :class:`Run`.
 
     A failing rollout becomes a row with its error and the run goes on. If this coroutine is
     cancelled, the run is cancelled and every sandbox is released before it returns.
+    ``pool``: see :func:`start`.
     """
     run_obj = start(
         taskset,
@@ -445,6 +478,7 @@ async def run(
         resume=resume,
         progress=progress,
         retry=retry,
+        pool=pool,
     )
     try:
         return await run_obj

@@ -91,3 +91,17 @@ async def test_a_plugin_taskset_runs_by_name(plugins):
 
     run = await sandboxnb.run("tiny", answer, journal=None, progress=False)
     assert run.name == "tiny" and run.counts() == {"ok": 1} and run.mean_reward() == 1.0
+
+
+async def test_humaneval_grader_starts_bare_like_the_server():
+    """The check program runs with ``-S -E -s``: no site, no environment, no user site."""
+    problem = Taskset.load("humaneval")[0]
+    probe = ("    import sys\n    assert 'site' not in sys.modules, 'site was imported'\n"
+             "    assert sys.flags.ignore_environment and sys.flags.no_user_site\n")
+
+    async def bare_probe(sandbox, task):
+        return probe + problem.metadata["canonical_solution"]
+
+    run = await sandboxnb.run([problem], bare_probe, journal=None, progress=False)
+    assert run.counts() == {"ok": 1}, run.rows[0]
+    assert run.mean_reward() == 1.0, run.rows[0]["info"]

