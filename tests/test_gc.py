@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from sandboxnb.providers.docker import LABEL
@@ -17,7 +18,9 @@ from sandboxnb.config import RuntimeConfig
 from sandboxnb.providers.docker import DockerProvider
 
 async def main():
-    async with DockerProvider().sandbox(RuntimeConfig()) as ep:
+    # the switch off: only gc may end this one once its owner is gone
+    config = RuntimeConfig(limits={"idle_timeout_s": None})
+    async with DockerProvider().sandbox(config) as ep:
         print(ep.sandbox_id, flush=True)
         await asyncio.sleep(600)
 
@@ -39,10 +42,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_gc_lists_then_releases_an_orphaned_container():
+    """The owner and its reaper both die at once (the machine's session is killed): nothing
+    removes the container but gc."""
     owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
     try:
         sandbox_id = owner.stdout.readline().strip()
         assert sandbox_id.startswith("docker-")
+        reapers = [p for p in psutil.Process(owner.pid).children()
+                   if any("docker_reaper" in part for part in p.cmdline())]
+        assert reapers, "the provider starts a reaper with its first sandbox"
+        for reaper in reapers:
+            reaper.kill()  # SIGKILL: it never runs again (its parent reaps it, or init)
     finally:
         owner.kill()  # a crash: no teardown runs
         owner.wait()

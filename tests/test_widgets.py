@@ -13,6 +13,7 @@ import time
 import pytest
 
 import sandboxnb.notebook as nb
+from sandboxnb.config import DEFAULT_IDLE_TIMEOUT_S
 from sandboxnb.errors import ConfigError
 from sandboxnb.notebook import loop, sandboxes
 from sandboxnb.notebook.form import LauncherController
@@ -115,7 +116,8 @@ def test_form_fields_take_defaults_and_none():
     ui.fields["startup_timeout_s"].value = "none"
     config = ui.controller.config(ui.values())
     assert config.resources.memory_mb == 256 and config.limits.run_timeout_s == 600
-    assert config.limits.startup_timeout_s is None and config.limits.idle_timeout_s == 300
+    assert config.limits.startup_timeout_s is None
+    assert config.limits.idle_timeout_s == DEFAULT_IDLE_TIMEOUT_S
     with pytest.raises(ConfigError, match="not a launcher field; accepted: provider, name, "
                                           "image"):
         nb.launcher(timeout=5)
