@@ -461,18 +461,26 @@ def _child_pidfds(parent: int) -> list[int]:
     return fds
 
 
-async def _wait_pidfd(pidfd: int, within: float) -> None:
+async def _pidfd_ready(pidfd: int, within: float | None) -> bool:
+    """Wait until ``pidfd``'s process has exited (True) or ``within`` passed (False); the
+    descriptor is closed either way."""
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
     loop.add_reader(pidfd, lambda: waiter.done() or waiter.set_result(None))
     try:
         async with asyncio.timeout(within):
             await waiter
+        return True
     except TimeoutError:
-        log.warning("a local sandbox's pid namespace did not end within %gs", within)
+        return False
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+async def _wait_pidfd(pidfd: int, within: float) -> None:
+    if not await _pidfd_ready(pidfd, within):
+        log.warning("a local sandbox's pid namespace did not end within %gs", within)
 
 
 def _die_with_parent() -> None:
@@ -491,7 +499,6 @@ async def _wait_exit(proc: subprocess.Popen[bytes], within: float | None) -> boo
     """Wait for ``proc`` to exit without blocking the loop (a pidfd when available)."""
     if proc.poll() is not None:
         return True
-    loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
@@ -501,16 +508,8 @@ async def _wait_exit(proc: subprocess.Popen[bytes], within: float | None) -> boo
             return True
         except TimeoutError:
             return False
-    waiter = loop.create_future()
-    loop.add_reader(pidfd, lambda: waiter.done() or waiter.set_result(None))
-    try:
-        async with asyncio.timeout(within):
-            await waiter
-    except TimeoutError:
+    if not await _pidfd_ready(pidfd, within):
         return False
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
     proc.wait()
     return True
 
