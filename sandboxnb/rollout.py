@@ -12,10 +12,10 @@ from typing import Any
 
 from sandboxnb.agents import _REPEAT, Agent, current_repeat
 from sandboxnb.config import RuntimeConfig
-from sandboxnb.failure import one_line, user_traceback
+from sandboxnb.failure import clean_text, one_line, user_traceback
 from sandboxnb.providers.base import Provider
 from sandboxnb.results import STATUSES
-from sandboxnb.tasks import Task
+from sandboxnb.tasks import Grade, Task, TaskError
 
 __all__ = ["ANSWER_CHARS", "STATUSES", "current_repeat", "rollout"]
 
@@ -58,14 +58,49 @@ def _failed(row: dict[str, Any], phase: str, err: BaseException, sandbox: Any,
         row["traceback"] = user_traceback(err)
     tail = getattr(sandbox, "output_tail", None)
     if tail:
-        row["output_tail"] = tail
+        row["output_tail"] = clean_text(tail)
+
+
+class UserCodeExit(Exception):
+    """The user's agent or grader raised ``SystemExit`` or ``KeyboardInterrupt``."""
+
+
+def _checked(grade: Any) -> Grade:
+    """A grader's result, checked: a :class:`Grade` with a finite reward."""
+    if not isinstance(grade, Grade):
+        raise TaskError(f"the grader returned {type(grade).__name__} {_safe_repr(grade)}: "
+                        "expected a sandboxnb.tasks.Grade(reward, info)")
+    try:
+        reward = float(grade.reward)
+    except (TypeError, ValueError):
+        reward = math.nan
+    if not math.isfinite(reward):
+        raise TaskError(f"the grader's reward = {_safe_repr(grade.reward)}: expected a finite "
+                        "number")
+    return grade
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} with a failing repr>"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _answer_text(answer: Any) -> str | None:
     if answer is None:
         return None
-    text = answer if isinstance(answer, str) else repr(answer)
+    text = answer if isinstance(answer, str) else _safe_repr_full(answer)
+    text = clean_text(text)
     return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS] + "...[truncated]"
+
+
+def _safe_repr_full(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__} with a failing repr>"
 
 
 async def rollout(
@@ -111,7 +146,7 @@ async def rollout(
                         answer = await agent(sandbox, task)
                         row["answer"] = _answer_text(answer)
                         phase = "grade"
-                        grade = await task.grade(sandbox, answer)
+                        grade = _checked(await task.grade(sandbox, answer))
                 except TimeoutError as err:
                     if not deadline.expired():
                         failed_in = phase
@@ -119,6 +154,12 @@ async def rollout(
                     row["status"] = "timeout"
                     row["error"] = f"rollout exceeded timeout_s={timeout_s} during {phase}"
                     _failed(row, phase, err, sandbox)
+                except (SystemExit, KeyboardInterrupt) as err:
+                    # raised by the user's code (argparse, click, a stray raise), not by an
+                    # interrupt of ours (that arrives as a cancellation): a row, not the end of
+                    # the kernel or the run
+                    failed_in = phase
+                    raise UserCodeExit(f"{type(err).__name__}({err})") from err
                 except BaseException:
                     failed_in = phase  # the phase that failed, not the release that follows
                     raise
@@ -135,6 +176,8 @@ async def rollout(
         _failed(row, failed_in or phase, err, box, traceback=False)
         raise
     except Exception as err:  # a failing rollout is a row, not a failed run
+        if isinstance(err, UserCodeExit) and err.__cause__ is not None:
+            err = err.__cause__  # the row names what the user's code raised
         where = failed_in or phase
         limit = meta.get("run_timeout_expired")
         if limit is not None and where != "release":

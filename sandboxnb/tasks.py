@@ -168,9 +168,14 @@ def grade_from_process(exit_code: int | None, stdout: str, timed_out: bool) -> G
         except ValueError:
             parsed = None
         if isinstance(parsed, dict) and "reward" in parsed:
-            reward = float(parsed.pop("reward"))
-            if math.isnan(reward):
-                raise TaskError("grader printed a NaN reward")
+            value = parsed.pop("reward")
+            try:
+                reward = float(value)
+            except (TypeError, ValueError):
+                raise TaskError(f"grader printed reward = {value!r}: expected a finite "
+                                "number") from None
+            if not math.isfinite(reward):
+                raise TaskError(f"grader printed reward = {value!r}: expected a finite number")
             return Grade(reward, parsed)
     info: dict[str, Any] = {"exit_code": exit_code}
     if timed_out:

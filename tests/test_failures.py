@@ -287,3 +287,62 @@ async def test_monitor_snapshot_counts_denominators_and_the_oldest_running(tmp_p
     assert done["finished"] and done["in_flight"] == 0 and done["oldest"] == [] and \
         done["eta_s"] == 0.0 and done["bar_style"] == "danger"
     assert run.in_flight() == []
+
+
+# -- hostile or careless user code: each failure is a row and the run goes on ------------------
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no message for you")
+
+
+def _deep_chain(depth: int) -> Exception:
+    err = ValueError("root")
+    for i in range(depth):
+        try:
+            raise RuntimeError(f"level {i}") from err
+        except RuntimeError as new:
+            err = new
+    return err
+
+
+async def careless_agent(sandbox, task):
+    kind = task.id
+    if kind == "exit":
+        raise SystemExit(2)  # what argparse does on a bad argument
+    if kind == "keyboard":
+        raise KeyboardInterrupt
+    if kind == "unprintable":
+        raise _Unprintable()
+    if kind == "chain":
+        raise _deep_chain(1500)
+    if kind == "surrogate":
+        return "0" + b"\xff".decode("utf-8", "surrogateescape")
+    return "fine"
+
+
+async def float_grader(sandbox, task, answer):
+    return 1.0  # not a Grade
+
+
+async def test_careless_user_code_gives_rows_and_the_run_goes_on():
+    tasks = [Task(id=kind, prompt="p", grader={"type": "match", "expected": "fine"})
+             for kind in ("exit", "keyboard", "unprintable", "chain", "surrogate", "ok")]
+    tasks.append(Task(id="float-grade", prompt="p", grader=float_grader))
+    tasks.append(Task(id="inf-reward", prompt="p", grader={
+        "type": "exec", "command": "echo '{\"reward\": 1e999}'"}))
+    run = await sandboxnb.run(tasks, careless_agent, "local", journal=None, progress=False,
+                              max_concurrent=4)
+    assert run.status == "done"
+    rows = {row["task_id"]: row for row in run.rows}
+    assert rows["ok"]["status"] == "ok" and rows["ok"]["reward"] == 1.0
+    assert rows["exit"]["error_type"] == "SystemExit" and rows["exit"]["phase"] == "agent"
+    assert rows["exit"]["error"] == "agent: SystemExit: 2"
+    assert rows["keyboard"]["error_type"] == "KeyboardInterrupt"
+    assert "could not be made" in rows["unprintable"]["error"]
+    assert rows["chain"]["phase"] == "agent" and "level 1499" in rows["chain"]["error"]
+    assert rows["chain"]["traceback"]
+    assert rows["float-grade"]["phase"] == "grade" and "expected a sandboxnb.tasks.Grade" in \
+        rows["float-grade"]["error"]
+    assert rows["inf-reward"]["phase"] == "grade" and "finite" in rows["inf-reward"]["error"]
+    assert rows["surrogate"]["status"] == "ok" and rows["surrogate"]["reward"] == 0.0
+    assert len(run.to_pandas()) == len(tasks)  # every text is valid UTF-8
