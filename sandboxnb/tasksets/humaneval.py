@@ -11,6 +11,7 @@ the grader pays neither ``site`` nor the startup hooks of whatever is installed 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from sandboxnb.tasks import Grade, Task, Taskset, sandbox_python
@@ -25,19 +26,25 @@ DEFAULT_TIMEOUT_S = 3.0
 GRADER_FLAGS = ("-S", "-E", "-s")
 
 # Runs the check program read from stdin like the official grader: output swallowed, every
-# BaseException is a failure; the verdict goes to the original stdout as the last line (json is
-# imported only to describe a failure: a passing check pays nothing beyond its own imports).
+# BaseException is a failure. The verdict goes to a private copy of stdout, with the nonce the host
+# sent on stdin's first line; the program's own fds 1 and 2 point at /dev/null, so code under test
+# cannot print a verdict (json is imported only to describe a failure: a passing check pays nothing
+# beyond its own imports).
 _HARNESS = """\
 import io, os, sys
-out = os.dup(1)
+nonce = sys.stdin.readline().strip()
 program = sys.stdin.read()
+out = os.dup(1)
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 1)
+os.dup2(null, 2)
 sys.stdout = sys.stderr = io.StringIO()
 try:
     exec(compile(program, "<humaneval>", "exec"), {"__name__": "__main__"})
-    verdict = '{"reward": 1.0, "result": "passed"}'
+    verdict = '{"reward": 1.0, "result": "passed", "nonce": "%s"}' % nonce
 except BaseException as e:
     import json
-    verdict = json.dumps({"reward": 0.0, "result": "failed: %s" % (e,)})
+    verdict = json.dumps({"reward": 0.0, "result": "failed: %s" % (e,), "nonce": nonce})
 os.write(out, ("\\n" + verdict + "\\n").encode())
 os._exit(0)
 """
@@ -64,9 +71,10 @@ class HumanEvalGrader:
     async def __call__(self, sandbox: Sandbox, task: Task, answer: Any) -> Grade:
         completion = "" if answer is None else str(answer)
         program = check_program(task.metadata, completion)
+        nonce = secrets.token_hex(16)  # a verdict without it was printed by the code under test
         result = await sandbox.exec(
-            [sandbox_python(sandbox), *GRADER_FLAGS, "-c", _HARNESS], stdin=program,
-            timeout=self.timeout_s,
+            [sandbox_python(sandbox), *GRADER_FLAGS, "-c", _HARNESS],
+            stdin=f"{nonce}\n{program}", timeout=self.timeout_s,
         )
         if result.timed_out:
             return Grade(0.0, {"result": "timed out"})
@@ -75,8 +83,9 @@ class HumanEvalGrader:
             verdict = json.loads(lines[-1]) if lines else None
         except ValueError:
             verdict = None
-        if not isinstance(verdict, dict) or "reward" not in verdict:
-            return Grade(0.0, {"result": f"failed: grader exited {result.exit_code}"})
+        if not isinstance(verdict, dict) or verdict.pop("nonce", None) != nonce:
+            return Grade(0.0, {"result": f"failed: no verdict from the grader (exit code "
+                                         f"{result.exit_code})"})
         return Grade(float(verdict.pop("reward")), verdict)
 
 
