@@ -307,7 +307,20 @@ def check_variable_name(value: str, field: str) -> str:
     if hasattr(builtins, value):
         raise ConfigError(f"{field} {value!r} shadows the Python builtin {value}(); expected a "
                           "variable name that is not a keyword or a builtin (e.g. sb1, box)")
+    if value in RESERVED_NAMES:
+        raise ConfigError(f"{field} {value!r} would replace {RESERVED_NAMES[value]}; expected "
+                          "another variable name (e.g. sb1, box, df)")
     return value
+
+
+#: Notebook names a sandbox or a DataFrame must not replace, and what they hold.
+RESERVED_NAMES = {
+    "_sandbox_run": "the last run (set by %sandbox run)",
+    "_sandbox_doctor": "the last doctor report",
+    "sandboxnb": "the sandboxnb module",
+    "In": "IPython's input history", "Out": "IPython's output history",
+    "get_ipython": "IPython's shell accessor",
+}
 
 
 def did_you_mean(value: Any, choices: list[str]) -> str:
