@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from sandboxnb.results import STATUSES
 from sandboxnb.tasks import Grade, Task, TaskError
 
 __all__ = ["ANSWER_CHARS", "STATUSES", "current_repeat", "rollout"]
+
+log = logging.getLogger("sandboxnb.rollout")
 
 #: Answers longer than this are truncated in result rows.
 ANSWER_CHARS = 20_000
@@ -63,6 +66,45 @@ def _failed(row: dict[str, Any], phase: str, err: BaseException, sandbox: Any,
 
 class UserCodeExit(Exception):
     """The user's agent or grader raised ``SystemExit`` or ``KeyboardInterrupt``."""
+
+
+#: How long user code (an agent, a grader) may take to end once cancelled before the rollout
+#: stops waiting for it and releases its sandbox anyway.
+USER_CANCEL_GRACE_S = 5.0
+
+
+async def _user_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``await fn(*args)`` in a task of its own, so that user code which swallows cancellation
+    (``except BaseException``, a retry loop) cannot hold its sandbox: once cancelled, it gets
+    :data:`USER_CANCEL_GRACE_S` to end, then it is left behind and the rollout goes on to
+    release."""
+    async def guarded() -> Any:
+        try:
+            return await fn(*args)
+        except (SystemExit, KeyboardInterrupt) as err:  # would stop the event loop in a task
+            raise UserCodeExit(f"{type(err).__name__}({err})") from err
+
+    call = asyncio.ensure_future(guarded())
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        call.cancel()
+        await asyncio.wait({call}, timeout=USER_CANCEL_GRACE_S)
+        if not call.done():
+            log.warning("%s ignored its cancellation for %gs: its sandbox is released anyway",
+                        getattr(fn, "__qualname__", fn), USER_CANCEL_GRACE_S)
+            call.add_done_callback(_retrieve)
+        elif call.cancelled():
+            try:
+                call.result()
+            except asyncio.CancelledError as inner:  # it says where the user's code was
+                raise inner from None
+        raise
+
+
+def _retrieve(call: asyncio.Future[Any]) -> None:
+    if not call.cancelled():
+        call.exception()  # retrieved: no "never retrieved" noise when it ends at last
 
 
 def _checked(grade: Any) -> Grade:
@@ -143,10 +185,10 @@ async def rollout(
                         phase = "setup"
                         await task.prepare(sandbox)
                         phase = "agent"
-                        answer = await agent(sandbox, task)
+                        answer = await _user_call(agent, sandbox, task)
                         row["answer"] = _answer_text(answer)
                         phase = "grade"
-                        grade = _checked(await task.grade(sandbox, answer))
+                        grade = _checked(await _user_call(task.grade, sandbox, answer))
                 except TimeoutError as err:
                     if not deadline.expired():
                         failed_in = phase

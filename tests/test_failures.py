@@ -346,3 +346,37 @@ async def test_careless_user_code_gives_rows_and_the_run_goes_on():
     assert rows["inf-reward"]["phase"] == "grade" and "finite" in rows["inf-reward"]["error"]
     assert rows["surrogate"]["status"] == "ok" and rows["surrogate"]["reward"] == 0.0
     assert len(run.to_pandas()) == len(tasks)  # every text is valid UTF-8
+
+
+STUBBORN = {"on": True}
+
+
+async def stubborn_agent(sandbox, task):
+    await sandbox.exec(["true"])
+    while STUBBORN["on"]:  # swallows every cancellation, as a careless retry loop does
+        try:
+            await asyncio.sleep(0.05)
+        except BaseException:
+            continue
+
+
+async def test_an_agent_that_swallows_cancellation_cannot_hold_its_sandbox(monkeypatch):
+    """Cancelled, the agent keeps looping; after the grace the rollout stops waiting for it and
+    releases its sandbox, and the run ends."""
+    from sandboxnb import rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "USER_CANCEL_GRACE_S", 0.5)
+    tasks = [Task(id=f"t{i}", prompt="p", grader={"type": "match", "expected": "x"})
+             for i in range(2)]
+    run = sandboxnb.start(tasks, stubborn_agent, "local", journal=None, progress=False)
+    await wait_until_async(lambda: len(run.in_flight()) == 2, 30, "both rollouts to start")
+    await asyncio.sleep(0.3)  # inside the agents' loops
+    provider = run.plan.provider
+    assert len(await provider.live_sandboxes()) == 2
+    try:
+        run.cancel()
+        await asyncio.wait_for(run.wait(), 30)
+        assert run.status == "cancelled" and run.counts() == {"cancelled": 2}
+        assert await provider.live_sandboxes() == []
+    finally:
+        STUBBORN["on"] = False  # the abandoned agents end, so the test's loop can close
