@@ -33,7 +33,14 @@ REPO = str(Path(__file__).resolve().parents[1])
 
 
 def _tree_has(marker: str) -> set[int]:
-    return {p for p in processes_with(marker) if psutil.Process(p).status() != "zombie"}
+    return {p for p in processes_with(marker) if _running(p)}
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != "zombie"
+    except psutil.NoSuchProcess:  # gone between the listing and the look
+        return False
 
 
 @pytest.fixture
